@@ -1,0 +1,31 @@
+# splitspec: `make install` then `make test`. Everything runs from the virtual environment in .venv.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: install proto test test-slow lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml client/pyproject.toml proto/splitspec/v1/*.proto
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, pinned: an open range would pull a multi-GB CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet "grpcio-tools>=1.70,<2"
+	$(MAKE) proto
+	$(PIP) install --quiet -e ./client -e ".[dev]"
+	touch $@
+
+proto:
+	$(PY) proto/generate.py
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf client/splitspec_client/v1 build dist *.egg-info client/*.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""splitspec draft server: the draft model on pinned CPUs, streaming candidate blocks."""

@@ -1,0 +1,1 @@
+"""splitspec target server: the front door; verifies draft blocks with the target model."""
