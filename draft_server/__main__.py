@@ -1,0 +1,3 @@
+from draft_server.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""`splitspec-draft`: the draft server. Pins itself to CPUs / a NUMA node, loads the draft model, serves DraftService."""
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from splitspec.topology import parse_cpu_list
+
+log = logging.getLogger("splitspec.draft")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="splitspec-draft",
+        description="Serve a draft model on the CPU for splitspec target servers (gRPC DraftService).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="Hugging Face causal LM: a local directory or a hub id.")
+    parser.add_argument("--host", default="0.0.0.0", help="Address to listen on.")
+    parser.add_argument("--port", type=int, default=50052, help="Port to listen on (0 picks a free one and logs it).")
+    parser.add_argument("--cpus", type=parse_cpu_list, default=None,
+                        help="CPUs to pin to, e.g. 0-15 or 0-7,16-23. Default: the NUMA node's CPUs, else all online.")
+    parser.add_argument("--numa-node", type=int, default=None,
+                        help="NUMA node to bind memory to (and to take CPUs from when --cpus is not given).")
+    parser.add_argument("--threads", type=int, default=None, help="Torch intra-op threads. Default: one per pinned CPU.")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="Weights dtype. auto: bfloat16 where AMX is present, else the faster of float32 and "
+                             "bfloat16 as measured at start-up.")
+    parser.add_argument("--backend", default="torch", choices=["torch", "ipex"],
+                        help="torch: stock PyTorch (oneDNN uses AMX for bf16 by itself). ipex: "
+                             "intel-extension-for-pytorch, which must match the installed torch.")
+    parser.add_argument("--max-num-speculative-tokens", type=int, default=16,
+                        help="Largest block a target may ask for.")
+    parser.add_argument("--max-draft-support", type=int, default=1024,
+                        help="When sampling, each draft distribution is sent as its most likely N tokens "
+                             "(renormalized; the draft samples from exactly that), bounding message size.")
+    parser.add_argument("--max-sessions", type=int, default=256,
+                        help="Open sessions beyond which new ones get RESOURCE_EXHAUSTED.")
+    parser.add_argument("--log-level", default="info", help="Logging level.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from splitspec.grpc_server import configure_logging
+
+    configure_logging(args.log_level)
+    from splitspec import topology
+
+    machine = topology.read_topology()
+    try:
+        plan = topology.plan_pinning(machine, args.cpus, args.numa_node, args.threads)
+    except ValueError as exc:
+        print(f"splitspec-draft: error: {exc}", file=sys.stderr)
+        return 2
+    # Pin before loading: the weights are allocated on the bound node only if the policy is set first.
+    pinning = topology.apply_pinning(plan)
+    isa = topology.best_isa(machine.cpu_flags)
+
+    from draft_server.cpu_backend import choose_dtype, load_backend
+    from splitspec.errors import SplitspecError
+
+    try:
+        backend = load_backend(args.backend)
+        dtype = choose_dtype(args.dtype, isa)
+    except (SplitspecError, ValueError) as exc:
+        print(f"splitspec-draft: error: {exc}", file=sys.stderr)
+        return 2
+    log.info("CPUs %s, NUMA node %s, %d threads, ISA %s, dtype %s, backend %s",
+             topology.format_cpu_list(pinning.cpus), pinning.numa_node, pinning.threads, isa, dtype, backend.name)
+    return asyncio.run(_serve(args, machine, pinning, isa, backend, dtype))
+
+
+async def _serve(args, machine, pinning, isa, backend, dtype) -> int:
+    import torch
+    from splitspec_client.v1 import draft_pb2_grpc
+
+    from draft_server.engine import DraftEngine, DraftLimits
+    from draft_server.servicer import DraftServerDescription, DraftServicer
+    from splitspec import models, topology
+    from splitspec.grpc_server import GrpcServer
+    from splitspec.kv_cache import CausalLMRunner
+
+    model = backend.optimize(models.load_causal_lm(args.model, torch.device("cpu"), dtype), dtype)
+    vocabulary = models.vocabulary_of(model, models.load_tokenizer(args.model, required=False))
+    limits = DraftLimits(
+        max_num_speculative_tokens=args.max_num_speculative_tokens,
+        max_context_tokens=models.max_context_tokens(model),
+        max_draft_support=args.max_draft_support,
+        max_sessions=args.max_sessions,
+    )
+    engine = DraftEngine(CausalLMRunner(model), vocabulary, limits)
+    description = DraftServerDescription(
+        model=args.model,
+        dtype=str(dtype).removeprefix("torch."),
+        backend=backend.name,
+        isa=isa,
+        isa_flags=topology.inference_isa_flags(machine.cpu_flags),
+        pinned_cpus=list(pinning.cpus),
+        numa_node=pinning.numa_node,
+        threads=pinning.threads,
+        pinning_notes=pinning.notes,
+    )
+    server = GrpcServer(args.host, args.port)
+    server.add_service("splitspec.v1.DraftService", draft_pb2_grpc.add_DraftServiceServicer_to_server,
+                       DraftServicer(engine, description))
+
+    async def on_stop():
+        engine.shutdown()
+
+    await server.run(on_stop=on_stop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

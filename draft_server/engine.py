@@ -1,0 +1,166 @@
+"""Draft sessions: one KV cache per session, candidate blocks out, verdicts in.
+
+All model work runs on one worker thread: the draft owns its pinned CPUs, and one forward pass at a time using all
+of their threads beats several passes fighting over them.
+"""
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import time
+
+import torch
+
+from splitspec.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from splitspec.kv_cache import CausalLMRunner, SequenceKV
+from splitspec.models import Vocabulary
+from splitspec.protocol import CandidateBlock, SessionStart, SparseDistribution, Verdict
+from splitspec.sampling import SamplingParams, logits_to_probs, make_generator, sample_sparse, sparse_distribution
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftLimits:
+    max_num_speculative_tokens: int
+    max_context_tokens: int
+    max_draft_support: int  # most entries of a sparse draft distribution sent on the wire
+    max_sessions: int
+
+
+class DraftSession:
+    """The draft's view of one sequence. Not thread-safe: the engine runs its steps one at a time."""
+
+    def __init__(self, session_id: int, start: SessionStart, sequence: SequenceKV, limits: DraftLimits):
+        self.session_id = session_id
+        self.request_id = start.request_id
+        self.sampling: SamplingParams = start.sampling
+        self.sequence = sequence
+        self.limits = limits
+        self.generator = make_generator(start.sampling.seed)
+        self.next_block_index = 0
+        self.open_block: CandidateBlock | None = None  # sent, awaiting its verdict
+
+    def draft_block(self, runner: CausalLMRunner, num_tokens: int) -> CandidateBlock:
+        """Extend the sequence by `num_tokens` draft tokens; the last one is not fed yet (its KV is not needed)."""
+        started = time.perf_counter_ns()
+        start_position = len(self.sequence.token_ids)
+        token_ids: list[int] = []
+        draft_probs: list[SparseDistribution] = []
+        for _ in range(num_tokens):
+            logits = runner.forward(self.sequence, self.sequence.uncached_token_ids(), logits_to_keep=1)[0]  # [vocab]
+            if self.sampling.greedy:
+                token_id = int(torch.argmax(logits))
+            else:
+                ids, probs = sparse_distribution(logits_to_probs(logits, self.sampling), self.limits.max_draft_support)
+                # Sample from exactly the compressed q that goes on the wire, so the target's test stays exact.
+                token_id = sample_sparse(ids, probs, self.generator)
+                draft_probs.append(SparseDistribution(token_ids=ids, probs=probs))
+            token_ids.append(token_id)
+            self.sequence.token_ids.append(token_id)
+        block = CandidateBlock(
+            block_index=self.next_block_index,
+            start_position=start_position,
+            token_ids=token_ids,
+            draft_probs=draft_probs,
+            draft_ns=time.perf_counter_ns() - started,
+        )
+        self.next_block_index += 1
+        self.open_block = block
+        return block
+
+    def apply_verdict(self, verdict: Verdict, vocab_size: int) -> None:
+        """Keep the accepted draft tokens, append the target's token, crop the KV cache to `rollback_to`."""
+        block = self.open_block
+        if block is None or verdict.block_index != block.block_index:
+            expected = "none (no block is open)" if block is None else str(block.block_index)
+            raise FailedPrecondition(f"verdict for block {verdict.block_index}, but the open block is {expected}")
+        if verdict.accepted_len > len(block.token_ids):
+            raise InvalidArgument(
+                "verdict.accepted_len", f"{verdict.accepted_len} exceeds the block's {len(block.token_ids)} tokens"
+            )
+        if verdict.rollback_to != block.start_position + verdict.accepted_len:
+            raise InvalidArgument(
+                "verdict.rollback_to",
+                f"must be start_position + accepted_len = {block.start_position + verdict.accepted_len}, "
+                f"got {verdict.rollback_to}",
+            )
+        if not 0 <= verdict.next_token_id < vocab_size:
+            raise InvalidArgument("verdict.next_token_id", f"must be in [0, {vocab_size}), got {verdict.next_token_id}")
+        self.sequence.truncate(verdict.rollback_to)
+        self.sequence.token_ids.append(verdict.next_token_id)
+        self.open_block = None
+        self.check_block_size("verdict.num_speculative_tokens", verdict.num_speculative_tokens, allow_zero=True)
+
+    def check_block_size(self, field: str, num_tokens: int, allow_zero: bool) -> None:
+        low = 0 if allow_zero else 1
+        if not low <= num_tokens <= self.limits.max_num_speculative_tokens:
+            raise InvalidArgument(field, f"must be in [{low}, {self.limits.max_num_speculative_tokens}], got {num_tokens}")
+        room = self.limits.max_context_tokens - len(self.sequence.token_ids)
+        if num_tokens > 0 and num_tokens > room:
+            raise FailedPrecondition(
+                f"{field}: {num_tokens} draft tokens do not fit the draft model's context "
+                f"({self.limits.max_context_tokens} tokens, {len(self.sequence.token_ids)} used)"
+            )
+
+
+class DraftEngine:
+    def __init__(self, runner: CausalLMRunner, vocabulary: Vocabulary, limits: DraftLimits):
+        self.runner = runner
+        self.vocabulary = vocabulary
+        self.limits = limits
+        self.sessions: dict[int, DraftSession] = {}
+        self._session_ids = itertools.count(1)
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model")
+
+    @property
+    def live_sessions(self) -> int:
+        return len(self.sessions)
+
+    def _validate_start(self, start: SessionStart) -> None:
+        if not start.prompt_token_ids:
+            raise InvalidArgument("start.prompt_token_ids", "must not be empty")
+        vocab_size = self.vocabulary.vocab_size
+        bad = [t for t in start.prompt_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidArgument("start.prompt_token_ids", f"ids must be in [0, {vocab_size}), got {bad[:5]}")
+        start.sampling.validate()
+        mismatch = self.vocabulary.mismatch(start.target_vocabulary)
+        if mismatch:
+            raise FailedPrecondition(f"draft vocabulary differs from the target's: {mismatch}")
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise ResourceExhausted(f"draft server is at its limit of {self.limits.max_sessions} sessions")
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    async def start_session(self, start: SessionStart) -> tuple[DraftSession, CandidateBlock]:
+        """Open a session and draft its first block."""
+        self._validate_start(start)
+        session = DraftSession(next(self._session_ids), start, self.runner.new_sequence(start.prompt_token_ids),
+                               self.limits)
+        session.check_block_size("start.num_speculative_tokens", start.num_speculative_tokens, allow_zero=False)
+        self.sessions[session.session_id] = session
+        log.info("session %d open (request %s, %d prompt tokens)", session.session_id, start.request_id,
+                 len(start.prompt_token_ids))
+        return session, await self._run(session.draft_block, self.runner, start.num_speculative_tokens)
+
+    async def step(self, session: DraftSession, verdict: Verdict) -> CandidateBlock | None:
+        """Apply a verdict; draft the next block when the verdict asks for one."""
+
+        def apply_and_draft():
+            session.apply_verdict(verdict, self.vocabulary.vocab_size)
+            if verdict.num_speculative_tokens == 0:
+                return None
+            return session.draft_block(self.runner, verdict.num_speculative_tokens)
+
+        return await self._run(apply_and_draft)
+
+    def close_session(self, session: DraftSession) -> None:
+        if self.sessions.pop(session.session_id, None) is not None:
+            log.info("session %d closed after %d blocks", session.session_id, session.next_block_index)
+
+    def shutdown(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)

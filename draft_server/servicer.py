@@ -1,0 +1,80 @@
+"""DraftService: message -> domain object -> engine call -> message."""
+
+import dataclasses
+
+from splitspec_client.v1 import draft_pb2, draft_pb2_grpc
+
+from draft_server.engine import DraftEngine
+from splitspec import wire
+from splitspec.errors import FailedPrecondition, InvalidArgument
+from splitspec.grpc_server import rpc_errors
+
+ISA_TO_PB = {
+    "amx": draft_pb2.ISA_AMX,
+    "avx512": draft_pb2.ISA_AVX512,
+    "avx2": draft_pb2.ISA_AVX2,
+    "baseline": draft_pb2.ISA_BASELINE,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftServerDescription:
+    """What Info reports besides live counters: fixed when the server starts."""
+
+    model: str
+    dtype: str
+    backend: str
+    isa: str
+    isa_flags: list[str]
+    pinned_cpus: list[int]
+    numa_node: int | None
+    threads: int
+    pinning_notes: list[str]
+
+
+class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
+    def __init__(self, engine: DraftEngine, description: DraftServerDescription):
+        self.engine = engine
+        self.description = description
+
+    @rpc_errors
+    async def Speculate(self, request_iterator, context):
+        session = None
+        try:
+            async for request in request_iterator:
+                kind = request.WhichOneof("kind")
+                if kind == "start":
+                    if session is not None:
+                        raise FailedPrecondition("duplicate start: this stream already has a session")
+                    session, block = await self.engine.start_session(wire.session_start_from_pb(request.start))
+                    yield draft_pb2.SpeculateResponse(block=wire.block_to_pb(block))
+                elif kind == "verdict":
+                    if session is None:
+                        raise FailedPrecondition("verdict before start: send a SessionStart first")
+                    block = await self.engine.step(session, wire.verdict_from_pb(request.verdict))
+                    if block is not None:
+                        yield draft_pb2.SpeculateResponse(block=wire.block_to_pb(block))
+                else:
+                    raise InvalidArgument("kind", "a SpeculateRequest must carry start or verdict")
+        finally:
+            if session is not None:
+                self.engine.close_session(session)
+
+    @rpc_errors
+    async def Info(self, request, context):
+        d = self.description
+        return draft_pb2.DraftInfoResponse(
+            model=d.model,
+            dtype=d.dtype,
+            backend=d.backend,
+            isa=ISA_TO_PB[d.isa],
+            isa_flags=d.isa_flags,
+            pinned_cpus=d.pinned_cpus,
+            numa_node=-1 if d.numa_node is None else d.numa_node,
+            threads=d.threads,
+            vocabulary=wire.vocabulary_to_pb(self.engine.vocabulary),
+            live_sessions=self.engine.live_sessions,
+            max_num_speculative_tokens=self.engine.limits.max_num_speculative_tokens,
+            max_context_tokens=self.engine.limits.max_context_tokens,
+            pinning_notes=d.pinning_notes,
+        )

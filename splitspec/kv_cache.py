@@ -1,0 +1,62 @@
+"""One sequence's token ids and KV cache, and the forward pass that extends them.
+
+Both halves keep their own cache per session; it never crosses the wire. The invariant that makes rollback cheap:
+the cache holds the KV entries of a prefix of `token_ids` (`cached_len` tokens). Rolling back to `rollback_to` only
+drops entries past that point (`DynamicCache.crop`), and the next forward feeds whatever tokens are not cached yet.
+"""
+
+import torch
+from transformers import DynamicCache
+
+
+class SequenceKV:
+    def __init__(self, token_ids: list[int], config):
+        self.token_ids = list(token_ids)
+        self.cache = DynamicCache(config=config)
+
+    @property
+    def cached_len(self) -> int:
+        return self.cache.get_seq_length()
+
+    def uncached_token_ids(self) -> list[int]:
+        return self.token_ids[self.cached_len :]
+
+    def truncate_cache(self, length: int) -> None:
+        """Keep the KV entries of the first `length` tokens (fewer stay as they are)."""
+        excess = self.cached_len - length
+        if excess > 0:
+            # transformers 5.x: crop() takes the number of tokens to remove, as a negative count.
+            self.cache.crop(-excess)
+
+    def truncate(self, length: int) -> None:
+        """Drop tokens (and their KV entries) past `length`."""
+        del self.token_ids[length:]
+        self.truncate_cache(length)
+
+
+class CausalLMRunner:
+    """Runs forward passes of one Hugging Face causal LM over `SequenceKV`s."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.device = next(model.parameters()).device
+
+    def new_sequence(self, token_ids: list[int]) -> SequenceKV:
+        return SequenceKV(token_ids, self.model.config)
+
+    @torch.inference_mode()
+    def forward(self, sequence: SequenceKV, token_ids: list[int], logits_to_keep: int) -> torch.Tensor:
+        """Feed `token_ids` after the cached prefix; returns the last `logits_to_keep` rows of logits.
+
+        Returns float32 logits `# [logits_to_keep, vocab_size]`; row i predicts the token after fed token
+        len(token_ids) - logits_to_keep + i.
+        """
+        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, n]
+        output = self.model(input_ids=input_ids, cache=sequence.cache, use_cache=True, logits_to_keep=logits_to_keep)
+        return output.logits[0].float()  # [logits_to_keep, vocab_size]
+
+    def prefill(self, sequence: SequenceKV, upto: int) -> None:
+        """Cache the KV entries of the first `upto` tokens (no logits needed)."""
+        missing = sequence.token_ids[sequence.cached_len : upto]
+        if missing:
+            self.forward(sequence, missing, logits_to_keep=1)

@@ -1,0 +1,97 @@
+"""Accept/reject of draft tokens: pure functions of tensors, shared vocabulary of splitspec.
+
+One round ("a block") of speculative decoding:
+  draft tokens     - the k candidate token ids x_0..x_{k-1} the draft model proposed, each sampled from the draft
+                     distribution q_i (or its argmax when greedy).
+  target           - one forward of the target model over the k draft tokens gives k+1 rows: row i scores the
+                     position of draft token i, row k the position after the last one.
+  accepted tokens  - the leading draft tokens the target keeps; their count is `accepted_len` (0..k).
+  recovered token  - when draft token i is rejected (accepted_len == i < k), the target's own token for that
+                     position, drawn so that the output still follows the target distribution p_i.
+  bonus token      - when all k are accepted, the token the target samples from row k, for free.
+  next_token_id    - the recovered or the bonus token: every round emits accepted_len + 1 tokens.
+  rollback         - KV entries past the accepted prefix are stale on both halves; each crops its cache to
+                     `rollback_to` = block start_position + accepted_len leading tokens.
+
+Sampling (temperature > 0) is the speculative sampling of Leviathan et al. 2023 and Chen et al. 2023: accept x_i
+with probability min(1, p_i(x_i) / q_i(x_i)), else draw the recovered token from normalize(max(0, p_i - q_i)).
+Each emitted token then follows p_i exactly, whatever q is.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The target's verdict on one block of draft tokens."""
+
+    accepted_len: int
+    next_token_id: int  # recovered token at the first rejection, or bonus token when all k were accepted
+
+
+def _first_true(mask: torch.Tensor) -> torch.Tensor:  # mask [k] bool -> index of first True, k if none
+    # argmax returns the first maximum; the appended True makes "none" land on k.
+    return torch.cat([mask, mask.new_ones(1)]).int().argmax()
+
+
+def verify_greedy(
+    target_logits: torch.Tensor,  # [k+1, vocab_size]
+    draft_token_ids: torch.Tensor,  # [k] int64
+) -> Verification:
+    """Accept while the draft token is the target's argmax; next token is the target's argmax after them."""
+    k = draft_token_ids.numel()
+    # torch.argmax takes the first index on ties, like generate(do_sample=False).
+    target_token_ids = target_logits.argmax(dim=-1)  # [k+1]
+    mismatch = target_token_ids[:k] != draft_token_ids.to(target_token_ids.device)  # [k]
+    accepted_len = int(_first_true(mismatch))
+    return Verification(accepted_len, int(target_token_ids[accepted_len]))
+
+
+def verify_sampling(
+    target_probs: torch.Tensor,  # [k+1, vocab_size] float32, p after logits_to_probs
+    draft_probs: torch.Tensor,  # [k, vocab_size] float32, dense q the draft tokens were sampled from
+    draft_token_ids: torch.Tensor,  # [k] int64
+    generator: torch.Generator,  # on target_probs' device
+) -> Verification:
+    """Speculative sampling: the emitted tokens follow the target distribution exactly."""
+    k = draft_token_ids.numel()
+    device = target_probs.device
+    draft_token_ids = draft_token_ids.to(device)
+    positions = torch.arange(k, device=device)
+    p = target_probs[positions, draft_token_ids]  # [k]
+    q = draft_probs.to(device)[positions, draft_token_ids]  # [k]
+    # One uniform per position, drawn up front so the generator advances the same way whatever is accepted.
+    uniform = torch.rand(k, generator=generator, device=device)  # [k]
+    # u < p/q, multiplied out: q >= p always accepts, p == 0 always rejects, and q == 0 cannot divide by zero.
+    rejected = uniform * q >= p  # [k]
+    accepted_len = int(_first_true(rejected))
+
+    if accepted_len == k:
+        next_probs = target_probs[k]  # [vocab_size]
+    else:
+        # Mass where the target wants more than the draft offered; multinomial normalizes it.
+        next_probs = (target_probs[accepted_len] - draft_probs[accepted_len].to(device)).clamp_(min=0)
+        if not next_probs.sum() > 0:
+            # p <= q everywhere only through rounding (a rejection implies p(x) < q(x) somewhere): p is the limit.
+            next_probs = target_probs[accepted_len]
+    next_token_id = int(torch.multinomial(next_probs, 1, generator=generator).item())
+    return Verification(accepted_len, next_token_id)
+
+
+def expected_tokens_per_round(acceptance_rate: float, k: int) -> float:
+    """Tokens emitted per round when each draft token is accepted independently with probability alpha:
+    1 + alpha + ... + alpha^k = (1 - alpha^(k+1)) / (1 - alpha)."""
+    if not 0 <= acceptance_rate <= 1:
+        raise ValueError(f"acceptance_rate must be in [0, 1], got {acceptance_rate}")
+    if acceptance_rate == 1:
+        return float(k + 1)
+    return (1 - acceptance_rate ** (k + 1)) / (1 - acceptance_rate)
+
+
+def ideal_speedup(acceptance_rate: float, k: int, draft_step_cost: float, verify_cost: float) -> float:
+    """Speedup over plain target decoding, ignoring transport: tokens per round over the round's cost, with
+    `draft_step_cost` (one draft step) and `verify_cost` (one target forward over k+1 positions) in units of one
+    target decoding step."""
+    return expected_tokens_per_round(acceptance_rate, k) / (k * draft_step_cost + verify_cost)

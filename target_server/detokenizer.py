@@ -1,0 +1,61 @@
+"""Incremental detokenization with stop strings, for streaming text as tokens are accepted."""
+
+
+class IncrementalDetokenizer:
+    """Turns generated tokens into text deltas.
+
+    Decodes a short window of recent tokens (as TGI and vLLM do) so that tokenizers which merge a leading space
+    or split one character over several byte tokens give the right text; an incomplete character is held back.
+    Text that could still turn out to be the start of a stop string is held back too, so a client never sees
+    text that is later cut.
+    """
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.token_ids = list(prompt_token_ids)
+        # Decode from a few tokens back, so the first token's leading space is rendered as in context.
+        self.prefix_offset = max(len(self.token_ids) - 5, 0)
+        self.read_offset = len(self.token_ids)
+        self.stop = stop
+        self.text = ""  # generated text so far (stop string excluded once found)
+        self.emitted = 0  # characters of self.text already returned
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add_token(self, token_id: int) -> None:
+        """Append one token; sets `stopped` when the text now contains a stop string (the text is cut before it)."""
+        self.token_ids.append(token_id)
+        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        new_text = self._decode(self.token_ids[self.prefix_offset :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            search_from = max(len(self.text) - max((len(s) for s in self.stop), default=0), 0)
+            self.text += new_text[len(prefix_text) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+            self._check_stop(search_from)
+
+    def _check_stop(self, search_from: int) -> None:
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+
+    def flush(self) -> None:
+        """At the end: render whatever is held back, an incomplete character included."""
+        tail = self._decode(self.token_ids[self.prefix_offset :])
+        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        if not self.stopped and len(tail) > len(prefix_text):
+            search_from = max(len(self.text) - max((len(s) for s in self.stop), default=0), 0)
+            self.text += tail[len(prefix_text) :]
+            self._check_stop(search_from)
+        self.read_offset = len(self.token_ids)
+
+    def take_delta(self, final: bool) -> str:
+        """Text not returned yet; until `final`, minus a tail that might begin a stop string."""
+        upto = len(self.text)
+        if not final and self.stop:
+            upto -= max(len(s) for s in self.stop) - 1
+        delta = self.text[self.emitted : max(upto, self.emitted)]
+        self.emitted += len(delta)
+        return delta

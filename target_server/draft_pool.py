@@ -1,0 +1,184 @@
+"""The target's side of the draft protocol: connections to draft servers and one link per session.
+
+A draft server is an optimisation: when none is connected, compatible or responsive, sessions decode on the target
+alone and produce the same output. Every failure here becomes a `DraftLinkError` that the engine answers by
+falling back, never an error for the client.
+"""
+
+import asyncio
+import dataclasses
+import logging
+
+import grpc
+from splitspec_client.v1 import draft_pb2, draft_pb2_grpc
+
+from splitspec import wire
+from splitspec.models import Vocabulary
+from splitspec.protocol import CandidateBlock, SessionStart, Verdict
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 2.0
+
+
+class DraftLinkError(Exception):
+    """The draft link of one session failed; the session goes on without it."""
+
+
+@dataclasses.dataclass
+class DraftEndpoint:
+    address: str
+    stub: draft_pb2_grpc.DraftServiceStub
+    channel: grpc.aio.Channel
+    connected: bool = False
+    model: str = ""
+    error: str = "not probed yet"
+    max_context_tokens: int = 0
+    max_num_speculative_tokens: int = 0
+    live_sessions: int = 0
+
+
+class DraftLink:
+    """One session's Speculate stream."""
+
+    def __init__(self, endpoint: DraftEndpoint, call):
+        self.endpoint = endpoint
+        self._call = call
+        self._closed = False
+        # The block the draft owes us next: its index and how many draft tokens were asked for.
+        self.next_block_index = 0
+        self.requested_tokens = 0
+
+    @property
+    def address(self) -> str:
+        return self.endpoint.address
+
+    async def next_block(self, timeout_s: float) -> CandidateBlock:
+        try:
+            response = await asyncio.wait_for(self._call.read(), timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise DraftLinkError(f"no block from {self.address} within {timeout_s:.1f}s") from exc
+        except grpc.RpcError as exc:
+            raise DraftLinkError(f"draft {self.address}: {exc.code().name}: {exc.details()}") from exc
+        if response is grpc.aio.EOF:
+            raise DraftLinkError(f"draft {self.address} ended the session")
+        return wire.block_from_pb(response.block)
+
+    async def send_start(self, start: SessionStart) -> None:
+        await self._write(draft_pb2.SpeculateRequest(start=wire.session_start_to_pb(start)))
+        self.next_block_index, self.requested_tokens = 0, start.num_speculative_tokens
+
+    async def send_verdict(self, verdict: Verdict) -> None:
+        await self._write(draft_pb2.SpeculateRequest(verdict=wire.verdict_to_pb(verdict)))
+        self.next_block_index, self.requested_tokens = verdict.block_index + 1, verdict.num_speculative_tokens
+
+    async def _write(self, request: draft_pb2.SpeculateRequest) -> None:
+        try:
+            await self._call.write(request)
+        except (grpc.RpcError, asyncio.InvalidStateError) as exc:
+            raise DraftLinkError(f"draft {self.address}: cannot send: {exc}") from exc
+
+    async def close(self, cancel: bool = False) -> None:
+        """End the session on the draft: half-close when all went well, cancel after a failure."""
+        if self._closed:
+            return
+        self._closed = True
+        self.endpoint.live_sessions -= 1
+        if cancel:
+            self._call.cancel()
+            return
+        try:
+            await self._call.done_writing()
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            self._call.cancel()
+
+
+class DraftPool:
+    """Draft servers of this target: probed through Info, sessions spread over the connected ones."""
+
+    def __init__(self, addresses: list[str], target_vocabulary: Vocabulary, probe_interval_s: float = 2.0,
+                 max_message_bytes: int = 16 * 1024 * 1024):
+        self.target_vocabulary = target_vocabulary
+        self.probe_interval_s = probe_interval_s
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        self.endpoints = []
+        for address in addresses:
+            channel = grpc.aio.insecure_channel(address, options=options)
+            self.endpoints.append(DraftEndpoint(address, draft_pb2_grpc.DraftServiceStub(channel), channel))
+        self._monitor: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.probe_all()
+        if self.endpoints:
+            self._monitor = asyncio.create_task(self._probe_forever())
+
+    async def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+        for endpoint in self.endpoints:
+            await endpoint.channel.close()
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval_s)
+            await self.probe_all()
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self._probe(e) for e in self.endpoints))
+
+    async def _probe(self, endpoint: DraftEndpoint) -> None:
+        try:
+            info = await endpoint.stub.Info(draft_pb2.DraftInfoRequest(), timeout=PROBE_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            self._set_state(endpoint, False, f"unreachable: {exc.code().name}: {exc.details()}")
+            return
+        endpoint.model = info.model
+        endpoint.max_context_tokens = info.max_context_tokens
+        endpoint.max_num_speculative_tokens = info.max_num_speculative_tokens
+        mismatch = self.target_vocabulary.mismatch(wire.vocabulary_from_pb(info.vocabulary))
+        if mismatch:
+            self._set_state(endpoint, False, f"vocabulary mismatch with the target: {mismatch}")
+        else:
+            self._set_state(endpoint, True, "")
+
+    @staticmethod
+    def _set_state(endpoint: DraftEndpoint, connected: bool, error: str) -> None:
+        if (connected, error) != (endpoint.connected, endpoint.error):
+            if connected:
+                log.info("draft %s connected (%s)", endpoint.address, endpoint.model)
+            else:
+                log.error("draft %s not used: %s", endpoint.address, error)
+        endpoint.connected, endpoint.error = connected, error
+
+    def why_unusable(self, start: SessionStart, total_tokens: int) -> str | None:
+        """Why no draft can serve this session, or None when one can."""
+        if not self.endpoints:
+            return "no draft server configured"
+        if not any(e.connected for e in self.endpoints):
+            return "no draft server connected: " + "; ".join(f"{e.address}: {e.error}" for e in self.endpoints)
+        if not any(self._fits(e, start, total_tokens) for e in self.endpoints if e.connected):
+            return "no connected draft server fits the request (draft context or block size)"
+        return None
+
+    @staticmethod
+    def _fits(endpoint: DraftEndpoint, start: SessionStart, total_tokens: int) -> bool:
+        return (total_tokens <= endpoint.max_context_tokens
+                and start.num_speculative_tokens <= endpoint.max_num_speculative_tokens)
+
+    async def open(self, start: SessionStart, total_tokens: int) -> DraftLink:
+        """Open a session on the least busy connected draft that fits it; raises DraftLinkError when none can."""
+        reason = self.why_unusable(start, total_tokens)
+        if reason:
+            raise DraftLinkError(reason)
+        endpoint = min((e for e in self.endpoints if e.connected and self._fits(e, start, total_tokens)),
+                       key=lambda e: e.live_sessions)
+        call = endpoint.stub.Speculate()
+        endpoint.live_sessions += 1
+        link = DraftLink(endpoint, call)
+        try:
+            await link.send_start(start)
+        except DraftLinkError:
+            await link.close(cancel=True)
+            raise
+        return link

@@ -1,0 +1,96 @@
+"""A validated generation request, built from a GenerateRequest message (`from_pb`)."""
+
+import dataclasses
+import uuid
+
+from splitspec_client.v1 import target_pb2
+
+from splitspec import wire
+from splitspec.errors import InvalidArgument
+from splitspec.sampling import SamplingParams
+
+DEFAULT_MAX_NEW_TOKENS = 64
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_SEQUENCE_CHARS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What the target server accepts; fixed at start-up."""
+
+    vocab_size: int
+    max_context_tokens: int
+    num_speculative_tokens: int  # default per request
+    max_num_speculative_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    max_new_tokens: int
+    stop: tuple[str, ...]
+    ignore_eos: bool
+    num_speculative_tokens: int
+
+
+def from_pb(message: target_pb2.GenerateRequest, tokenizer, limits: Limits) -> GenerationRequest:
+    """Validate every field; a bad one raises InvalidArgument naming it."""
+    if message.prompt and message.prompt_token_ids:
+        raise InvalidArgument("prompt", "set either prompt or prompt_token_ids, not both")
+    if message.prompt:
+        prompt_token_ids = tokenizer.encode(message.prompt)
+        if not prompt_token_ids:
+            raise InvalidArgument("prompt", "tokenizes to no tokens")
+    elif message.prompt_token_ids:
+        prompt_token_ids = list(message.prompt_token_ids)
+        bad = [t for t in prompt_token_ids if not 0 <= t < limits.vocab_size]
+        if bad:
+            raise InvalidArgument("prompt_token_ids", f"ids must be in [0, {limits.vocab_size}), got {bad[:5]}")
+    else:
+        raise InvalidArgument("prompt", "must not be empty (set prompt or prompt_token_ids)")
+
+    sampling = wire.sampling_from_pb(message.sampling)
+    sampling.validate()
+
+    max_new_tokens = message.max_new_tokens if message.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
+    if max_new_tokens < 1:
+        raise InvalidArgument("max_new_tokens", f"must be >= 1, got {max_new_tokens}")
+    room = limits.max_context_tokens - len(prompt_token_ids)
+    if room < 1:
+        raise InvalidArgument(
+            "prompt", f"{len(prompt_token_ids)} tokens leave no room in the model's context of "
+                      f"{limits.max_context_tokens} tokens"
+        )
+    if max_new_tokens > room:
+        raise InvalidArgument(
+            "max_new_tokens", f"{max_new_tokens} + {len(prompt_token_ids)} prompt tokens exceed the model's context "
+                              f"of {limits.max_context_tokens} tokens (at most {room} new tokens for this prompt)"
+        )
+
+    if len(message.stop) > MAX_STOP_SEQUENCES:
+        raise InvalidArgument("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(message.stop)}")
+    for stop in message.stop:
+        if not stop or len(stop) > MAX_STOP_SEQUENCE_CHARS:
+            raise InvalidArgument("stop", f"each stop sequence must have 1 to {MAX_STOP_SEQUENCE_CHARS} characters")
+
+    if message.HasField("num_speculative_tokens"):
+        num_speculative_tokens = message.num_speculative_tokens
+        if not 0 <= num_speculative_tokens <= limits.max_num_speculative_tokens:
+            raise InvalidArgument(
+                "num_speculative_tokens",
+                f"must be in [0, {limits.max_num_speculative_tokens}], got {num_speculative_tokens}",
+            )
+    else:
+        num_speculative_tokens = limits.num_speculative_tokens
+
+    return GenerationRequest(
+        request_id=message.request_id or uuid.uuid4().hex[:16],
+        prompt_token_ids=prompt_token_ids,
+        sampling=sampling,
+        max_new_tokens=max_new_tokens,
+        stop=tuple(message.stop),
+        ignore_eos=message.ignore_eos,
+        num_speculative_tokens=num_speculative_tokens,
+    )
