@@ -1,0 +1,148 @@
+"""What the SDK returns: immutable Python views of the target service's responses, and their conversion from pb.
+
+Field names are the proto's, so a field means the same thing in the proto, here, in metrics and in docs.
+Repeated fields become tuples so that every value stays immutable and hashable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, TypeVar
+
+from .v1 import target_pb2
+
+# TGI's names for why generation ended.
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+_FINISH_REASONS: dict[int, FinishReason] = {
+    target_pb2.FINISH_REASON_LENGTH: "length",
+    target_pb2.FINISH_REASON_EOS_TOKEN: "eos_token",
+    target_pb2.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
+}
+
+_T = TypeVar("_T")
+
+
+def _from_pb(cls: type[_T], pb, **converted) -> _T:
+    """Build dataclass `cls` from the same-named fields of `pb`; messages and enums come already `converted`."""
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in converted:
+            value = getattr(pb, field.name)
+            values[field.name] = value if isinstance(value, (str, int, float)) else tuple(value)
+    return cls(**values, **converted)
+
+
+def _finish_reason(value: int) -> FinishReason | None:
+    # FINISH_REASON_UNSPECIFIED (every stream message but the last) reads as None.
+    return _FINISH_REASONS.get(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationStats:
+    """Counters of one request; see GenerationStats in proto/splitspec/v1/target.proto for each field."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    rounds: int
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    num_accepted_tokens_per_pos: tuple[int, ...]
+    acceptance_rate: float
+    mean_accepted_length: float
+    time_to_first_token_ns: int
+    total_time_ns: int
+    draft_wait_ns: int
+    verify_ns: int
+    draft_server: str
+    fallback_reason: str
+
+    @property
+    def time_to_first_token_s(self) -> float:
+        return self.time_to_first_token_ns / 1e9
+
+    @property
+    def total_time_s(self) -> float:
+        return self.total_time_ns / 1e9
+
+    @classmethod
+    def from_pb(cls, pb: target_pb2.GenerationStats) -> GenerationStats:
+        return _from_pb(cls, pb)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """A whole completion (`Client.generate`)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None  # None only if the server left it unspecified
+    stats: GenerationStats
+
+    @classmethod
+    def from_pb(cls, pb: target_pb2.GenerateResponse) -> GenerationResult:
+        return _from_pb(
+            cls, pb, finish_reason=_finish_reason(pb.finish_reason), stats=GenerationStats.from_pb(pb.stats)
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamChunk:
+    """Tokens accepted since the previous chunk (`Client.stream`); only the last chunk has finish_reason and stats."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None
+    stats: GenerationStats | None
+
+    @classmethod
+    def from_pb(cls, pb: target_pb2.GenerateStreamResponse) -> StreamChunk:
+        stats = GenerationStats.from_pb(pb.stats) if pb.HasField("stats") else None
+        return _from_pb(cls, pb, finish_reason=_finish_reason(pb.finish_reason), stats=stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabularyInfo:
+    """The target model's vocabulary; -1 for a special token the model does not have."""
+
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int
+    pad_token_id: int
+    tokenizer_fingerprint: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftServerStatus:
+    """One draft server as the target sees it; `error` says why it is unused when not connected."""
+
+    address: str
+    connected: bool
+    model: str
+    error: str
+    live_sessions: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetInfo:
+    """What a target server runs (`Client.info`)."""
+
+    model: str
+    device: str
+    dtype: str
+    vocabulary: VocabularyInfo
+    max_context_tokens: int
+    num_speculative_tokens: int
+    max_num_speculative_tokens: int
+    draft_servers: tuple[DraftServerStatus, ...]
+    live_sessions: int
+
+    @classmethod
+    def from_pb(cls, pb: target_pb2.TargetInfoResponse) -> TargetInfo:
+        return _from_pb(
+            cls,
+            pb,
+            vocabulary=_from_pb(VocabularyInfo, pb.vocabulary),
+            draft_servers=tuple(_from_pb(DraftServerStatus, server) for server in pb.draft_servers),
+        )

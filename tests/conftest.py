@@ -1,0 +1,85 @@
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from servers import start_draft, start_target  # noqa: E402
+from tiny_models import build_llama, build_tokenizer, save  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """Tiny target, an unrelated draft (low acceptance), and a draft whose vocabulary differs."""
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = build_tokenizer()
+    return {
+        "target": save(build_llama(seed=0), tokenizer, root / "target"),
+        "unrelated_draft": save(build_llama(seed=1, hidden_size=32, num_layers=1), tokenizer, root / "draft"),
+        "mismatched_draft": save(build_llama(seed=2, vocab_size=300, hidden_size=32, num_layers=1), None,
+                                 root / "mismatched"),
+    }
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def unrelated_draft(model_dirs, log_dir):
+    server = start_draft(model_dirs["unrelated_draft"], log_dir, "unrelated-draft")
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+@pytest.fixture(scope="session")
+def self_draft(model_dirs, log_dir):
+    """The target model serving as its own draft: every draft token is accepted under greedy decoding."""
+    server = start_draft(model_dirs["target"], log_dir, "self-draft")
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+@pytest.fixture(scope="session")
+def target_unrelated(model_dirs, log_dir, unrelated_draft):
+    server = start_target(model_dirs["target"], log_dir, "target-unrelated", [unrelated_draft.address])
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+@pytest.fixture(scope="session")
+def target_self(model_dirs, log_dir, self_draft):
+    server = start_target(model_dirs["target"], log_dir, "target-self", [self_draft.address])
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+@pytest.fixture(scope="session")
+def target_alone(model_dirs, log_dir):
+    server = start_target(model_dirs["target"], log_dir, "target-alone", [])
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+@pytest.fixture(scope="session")
+def reference(model_dirs):
+    """The target model alone, in this process: what every splitspec output must equal."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["target"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["target"])
+
+    def greedy(prompt: str, max_new_tokens: int, ignore_eos: bool = True) -> list[int]:
+        import torch
+
+        input_ids = torch.tensor([tokenizer.encode(prompt)])
+        kwargs = {"eos_token_id": None} if ignore_eos else {}
+        with torch.no_grad():
+            output = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+        return output[0, input_ids.shape[1]:].tolist()
+
+    greedy.tokenizer = tokenizer
+    greedy.model = model
+    return greedy

@@ -1,0 +1,124 @@
+"""Both halves as real processes on loopback with tiny real models: output equals the target model alone."""
+
+import concurrent.futures
+
+import pytest
+from splitspec_client import Client
+
+PROMPTS = [
+    "The quick brown fox",
+    "def wrap(text, width=70):",
+    "Beautiful is better than ugly.",
+]
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_equals_target_with_unrelated_draft(target_unrelated, reference, prompt, k):
+    with Client(target_unrelated.address, timeout=60) as client:
+        result = client.generate(prompt, max_new_tokens=64, num_speculative_tokens=k, ignore_eos=True)
+    assert list(result.token_ids) == reference(prompt, 64)
+    assert result.finish_reason == "length"
+    stats = result.stats
+    assert stats.draft_server and not stats.fallback_reason
+    assert stats.num_drafts > 0 and stats.num_draft_tokens > 0
+    assert stats.num_accepted_tokens < stats.num_draft_tokens  # an unrelated draft gets rejections
+    assert stats.generated_tokens == 64
+    # Every round emits accepted + 1 tokens.
+    assert stats.num_accepted_tokens + stats.rounds == 64
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_equals_target_with_self_draft(target_self, reference, prompt, k):
+    with Client(target_self.address, timeout=60) as client:
+        result = client.generate(prompt, max_new_tokens=64, num_speculative_tokens=k, ignore_eos=True)
+    assert list(result.token_ids) == reference(prompt, 64)
+    stats = result.stats
+    assert stats.acceptance_rate == 1.0
+    assert stats.num_accepted_tokens == stats.num_draft_tokens
+    # Full blocks of k + 1 tokens, then a last shorter block that stops exactly at max_new_tokens.
+    assert stats.rounds == -(-64 // (k + 1))
+    assert stats.mean_accepted_length == pytest.approx(1 + stats.num_accepted_tokens / stats.num_drafts)
+    assert stats.num_accepted_tokens_per_pos[0] == stats.num_drafts
+
+
+def test_eos_stops_generation_like_generate(target_unrelated, reference):
+    prompt = PROMPTS[0]
+    expected = reference(prompt, 64, ignore_eos=False)
+    with Client(target_unrelated.address, timeout=60) as client:
+        result = client.generate(prompt, max_new_tokens=64, num_speculative_tokens=3)
+    assert list(result.token_ids) == expected
+    assert result.finish_reason == ("eos_token" if expected[-1] == 2 else "length")
+
+
+def test_fallback_without_draft_server_gives_same_output(target_alone, reference):
+    with Client(target_alone.address, timeout=60) as client:
+        result = client.generate(PROMPTS[1], max_new_tokens=64, ignore_eos=True)
+        info = client.info()
+    assert list(result.token_ids) == reference(PROMPTS[1], 64)
+    assert result.stats.num_drafts == 0 and result.stats.draft_server == ""
+    assert "no draft server configured" in result.stats.fallback_reason
+    assert info.draft_servers == ()
+
+
+def test_stream_yields_the_same_tokens_and_text(target_unrelated, reference):
+    prompt = PROMPTS[2]
+    with Client(target_unrelated.address, timeout=60) as client:
+        chunks = list(client.stream(prompt, max_new_tokens=48, num_speculative_tokens=4, ignore_eos=True))
+        unary = client.generate(prompt, max_new_tokens=48, num_speculative_tokens=4, ignore_eos=True)
+    streamed_ids = [t for chunk in chunks for t in chunk.token_ids]
+    assert streamed_ids == reference(prompt, 48) == list(unary.token_ids)
+    assert "".join(chunk.text for chunk in chunks) == unary.text
+    assert unary.text == reference.tokenizer.decode(unary.token_ids, skip_special_tokens=True)
+    assert len(chunks) > 1
+    assert all(chunk.finish_reason is None for chunk in chunks[:-1])
+    assert chunks[-1].finish_reason == "length" and chunks[-1].stats.generated_tokens == 48
+
+
+def test_stop_string_cuts_text_and_ends_generation(target_unrelated, reference):
+    prompt = PROMPTS[0]
+    full_ids = reference(prompt, 40)
+    full_text = reference.tokenizer.decode(full_ids, skip_special_tokens=True)
+    stop = full_text[10:13]
+    with Client(target_unrelated.address, timeout=60) as client:
+        result = client.generate(prompt, max_new_tokens=40, ignore_eos=True, stop=[stop])
+        chunks = list(client.stream(prompt, max_new_tokens=40, ignore_eos=True, stop=[stop]))
+    assert result.finish_reason == "stop_sequence"
+    assert result.text == full_text[: full_text.find(stop)]
+    assert list(result.token_ids) == full_ids[: len(result.token_ids)] and len(result.token_ids) < 40
+    assert "".join(c.text for c in chunks) == result.text  # nothing past the stop string was ever streamed
+
+
+def test_eight_concurrent_clients_each_get_their_own_output(target_unrelated, reference):
+    prompts = [f"{p} {i}" for i, p in enumerate(PROMPTS * 3)][:8]
+    expected = {p: reference(p, 40) for p in prompts}
+
+    def run(prompt):
+        with Client(target_unrelated.address, timeout=120) as client:
+            return prompt, client.generate(prompt, max_new_tokens=40, num_speculative_tokens=3, ignore_eos=True)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(run, prompts))
+    for prompt, result in results:
+        assert list(result.token_ids) == expected[prompt], prompt
+        assert result.stats.draft_server
+
+
+def test_sampling_with_a_seed_is_reproducible(target_unrelated):
+    params = dict(max_new_tokens=48, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    with Client(target_unrelated.address, timeout=60) as client:
+        first = client.generate(PROMPTS[0], **params)
+        second = client.generate(PROMPTS[0], **params)
+        other_seed = client.generate(PROMPTS[0], **{**params, "seed": 99})
+    assert list(first.token_ids) == list(second.token_ids)
+    assert first.token_ids != other_seed.token_ids
+    assert first.stats.num_drafts > 0
+
+
+def test_info_reports_connected_draft(target_unrelated, unrelated_draft):
+    with Client(target_unrelated.address, timeout=10) as client:
+        info = client.info()
+    assert info.device == "cpu" and info.dtype == "float32"
+    [draft] = info.draft_servers
+    assert draft.address == unrelated_draft.address and draft.connected and draft.error == ""
