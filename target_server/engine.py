@@ -97,6 +97,32 @@ def block_problem(block: CandidateBlock, expected_index: int, expected_start: in
     return None
 
 
+def verify_block(runner: CausalLMRunner, sequence: SequenceKV, block: CandidateBlock | None,
+                 sampling: SamplingParams, generator: torch.Generator) -> tuple[Verification, int]:
+    """One target forward over [uncached tokens + draft tokens]; keeps the accepted prefix.
+
+    Returns the verification and the nanoseconds it took. With no block it is a plain decoding step.
+    """
+    started = time.perf_counter_ns()
+    draft_token_ids = block.token_ids if block else []
+    start_position = len(sequence.token_ids)
+    fed = sequence.uncached_token_ids() + draft_token_ids
+    logits = runner.forward(sequence, fed, logits_to_keep=len(draft_token_ids) + 1)  # [k+1, vocab]
+    drafted = torch.tensor(draft_token_ids, dtype=torch.long, device=logits.device)  # [k]
+    if sampling.greedy:
+        verification = verify_greedy(logits, drafted)
+    else:
+        vocab_size = logits.shape[-1]
+        draft_probs = torch.stack(
+            [densify(q.token_ids.to(logits.device), q.probs.to(logits.device), vocab_size) for q in block.draft_probs]
+        ) if block else logits.new_zeros((0, vocab_size))  # [k, vocab]
+        verification = verify_sampling(logits_to_probs(logits, sampling), draft_probs, drafted, generator)
+    # KV entries of rejected draft tokens are stale: keep the sequence before the block plus the accepted ones.
+    sequence.truncate_cache(start_position + verification.accepted_len)
+    sequence.token_ids += draft_token_ids[: verification.accepted_len] + [verification.next_token_id]
+    return verification, time.perf_counter_ns() - started
+
+
 class TargetEngine:
     def __init__(self, runner: CausalLMRunner, tokenizer, vocabulary: Vocabulary, pool: DraftPool,
                  draft_timeout_s: float):
@@ -111,28 +137,6 @@ class TargetEngine:
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
-
-    def _verify(self, sequence: SequenceKV, block: CandidateBlock | None, sampling: SamplingParams,
-                generator: torch.Generator) -> tuple[Verification, int]:
-        """One target forward over [uncached tokens + draft tokens]; keeps the accepted prefix. Runs on the worker."""
-        started = time.perf_counter_ns()
-        draft_token_ids = block.token_ids if block else []
-        start_position = len(sequence.token_ids)
-        fed = sequence.uncached_token_ids() + draft_token_ids
-        logits = self.runner.forward(sequence, fed, logits_to_keep=len(draft_token_ids) + 1)  # [k+1, vocab]
-        drafted = torch.tensor(draft_token_ids, dtype=torch.long, device=logits.device)  # [k]
-        if sampling.greedy:
-            verification = verify_greedy(logits, drafted)
-        else:
-            vocab_size = logits.shape[-1]
-            draft_probs = torch.stack(
-                [densify(q.token_ids.to(logits.device), q.probs.to(logits.device), vocab_size) for q in block.draft_probs]
-            ) if block else logits.new_zeros((0, vocab_size))  # [k, vocab]
-            verification = verify_sampling(logits_to_probs(logits, sampling), draft_probs, drafted, generator)
-        # KV entries of rejected draft tokens are stale: keep the sequence before the block plus the accepted ones.
-        sequence.truncate_cache(start_position + verification.accepted_len)
-        sequence.token_ids += draft_token_ids[: verification.accepted_len] + [verification.next_token_id]
-        return verification, time.perf_counter_ns() - started
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationUpdate]:
         arrived = time.perf_counter_ns()
@@ -153,7 +157,8 @@ class TargetEngine:
                 block = None
                 if link is not None:
                     block, link = await self._receive_block(link, sequence, request, stats)
-                verification, verify_ns = await self._run(self._verify, sequence, block, request.sampling, generator)
+                verification, verify_ns = await self._run(verify_block, self.runner, sequence, block, request.sampling,
+                                                          generator)
                 stats.rounds += 1
                 stats.verify_ns += verify_ns
                 if block is not None:

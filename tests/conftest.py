@@ -6,16 +6,19 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from servers import start_draft, start_target  # noqa: E402
-from tiny_models import build_llama, build_tokenizer, save  # noqa: E402
+from tiny_models import build_llama, build_tokenizer, first_layers_of, save  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
-    """Tiny target, an unrelated draft (low acceptance), and a draft whose vocabulary differs."""
+    """Tiny target; drafts: unrelated (low acceptance), the target's first layer (partial agreement), and one
+    whose vocabulary differs."""
     root = tmp_path_factory.mktemp("models")
     tokenizer = build_tokenizer()
+    target = build_llama(seed=0)
     return {
-        "target": save(build_llama(seed=0), tokenizer, root / "target"),
+        "target": save(target, tokenizer, root / "target"),
+        "related_draft": save(first_layers_of(target, 1), tokenizer, root / "related"),
         "unrelated_draft": save(build_llama(seed=1, hidden_size=32, num_layers=1), tokenizer, root / "draft"),
         "mismatched_draft": save(build_llama(seed=2, vocab_size=300, hidden_size=32, num_layers=1), None,
                                  root / "mismatched"),
@@ -38,6 +41,20 @@ def unrelated_draft(model_dirs, log_dir):
 def self_draft(model_dirs, log_dir):
     """The target model serving as its own draft: every draft token is accepted under greedy decoding."""
     server = start_draft(model_dirs["target"], log_dir, "self-draft")
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+@pytest.fixture(scope="session")
+def related_draft(model_dirs, log_dir):
+    server = start_draft(model_dirs["related_draft"], log_dir, "related-draft")
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+@pytest.fixture(scope="session")
+def target_related(model_dirs, log_dir, related_draft):
+    server = start_target(model_dirs["target"], log_dir, "target-related", [related_draft.address])
     yield server
     assert server.stop() == 0, server.log()
 

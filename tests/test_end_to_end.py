@@ -14,15 +14,16 @@ PROMPTS = [
 
 @pytest.mark.parametrize("k", [1, 3, 8])
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_equals_target_with_unrelated_draft(target_unrelated, reference, prompt, k):
-    with Client(target_unrelated.address, timeout=60) as client:
+@pytest.mark.parametrize("target", ["target_unrelated", "target_related"])
+def test_greedy_equals_target_with_a_rejecting_draft(request, reference, target, prompt, k):
+    with Client(request.getfixturevalue(target).address, timeout=60) as client:
         result = client.generate(prompt, max_new_tokens=64, num_speculative_tokens=k, ignore_eos=True)
     assert list(result.token_ids) == reference(prompt, 64)
     assert result.finish_reason == "length"
     stats = result.stats
     assert stats.draft_server and not stats.fallback_reason
     assert stats.num_drafts > 0 and stats.num_draft_tokens > 0
-    assert stats.num_accepted_tokens < stats.num_draft_tokens  # an unrelated draft gets rejections
+    assert stats.num_accepted_tokens < stats.num_draft_tokens  # rejections happened and were rolled back
     assert stats.generated_tokens == 64
     # Every round emits accepted + 1 tokens.
     assert stats.num_accepted_tokens + stats.rounds == 64
@@ -122,3 +123,33 @@ def test_info_reports_connected_draft(target_unrelated, unrelated_draft):
     assert info.device == "cpu" and info.dtype == "float32"
     [draft] = info.draft_servers
     assert draft.address == unrelated_draft.address and draft.connected and draft.error == ""
+
+
+def test_cli_generate_against_real_servers(target_related, reference):
+    import json
+    import subprocess
+    import sys
+
+    prompt = PROMPTS[0]
+    completed = subprocess.run(
+        [sys.executable, "-m", "splitspec_client", "generate", prompt, "--target", target_related.address,
+         "--max-new-tokens", "24", "--ignore-eos", "--json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    output = json.loads(completed.stdout)
+    assert output["token_ids"] == reference(prompt, 24)
+    assert output["finish_reason"] == "length" and output["stats"]["num_drafts"] > 0
+
+
+@pytest.mark.parametrize("module", ["draft_server", "target_server"])
+def test_server_help_explains_every_flag(module):
+    import subprocess
+    import sys
+
+    completed = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60,
+                               check=True)
+    for flag in ["--model", "--port", "--host", "--dtype", "--max-num-speculative-tokens"]:
+        assert flag in completed.stdout
+    extra = ["--cpus", "--numa-node", "--threads", "--backend"] if module == "draft_server" else ["--draft", "--device"]
+    for flag in extra:
+        assert flag in completed.stdout

@@ -43,6 +43,17 @@ def build_llama(seed: int, vocab_size: int = VOCAB_SIZE, hidden_size: int = 64, 
     return model
 
 
+def first_layers_of(model: LlamaForCausalLM, num_layers: int) -> LlamaForCausalLM:
+    """A draft made of the target's first layers and its head: it agrees with the target often, not always."""
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.num_hidden_layers = num_layers
+    draft = LlamaForCausalLM(config).eval()
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.")
+             or int(k.split(".")[2]) < num_layers}
+    draft.load_state_dict(state)
+    return draft
+
+
 def save(model, tokenizer, directory: pathlib.Path) -> str:
     model.save_pretrained(directory)
     if tokenizer is not None:

@@ -1,0 +1,3 @@
+from splitspec_client.cli import main
+
+raise SystemExit(main())

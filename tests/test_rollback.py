@@ -1,0 +1,61 @@
+"""Both halves' real code paths, in one process without the network: after every verdict the KV caches hold
+exactly the entries the protocol says, and the two sequences agree."""
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from draft_server.engine import DraftEngine, DraftLimits
+from splitspec import models
+from splitspec.kv_cache import CausalLMRunner
+from splitspec.protocol import SessionStart, Verdict
+from splitspec.sampling import SamplingParams, make_generator
+from target_server.engine import verify_block
+
+
+def _load(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("draft_name,sampling", [
+    ("unrelated_draft", SamplingParams()),
+    ("target", SamplingParams()),
+    ("related_draft", SamplingParams()),
+    ("related_draft", SamplingParams(temperature=1.0, top_k=20, seed=7)),
+])
+def test_caches_match_rollback_to_after_every_verdict(model_dirs, draft_name, sampling):
+    k = 4
+    target = CausalLMRunner(_load(model_dirs["target"]))
+    draft_model = _load(model_dirs[draft_name])
+    vocabulary = models.vocabulary_of(draft_model, None)
+    engine = DraftEngine(CausalLMRunner(draft_model), vocabulary,
+                         DraftLimits(max_num_speculative_tokens=8, max_context_tokens=512, max_draft_support=64,
+                                     max_sessions=4))
+    prompt = [1, 17, 99, 230, 41]
+    start = SessionStart(prompt, sampling, k, vocabulary, "rollback-test")
+    session, block = asyncio.run(engine.start_session(start))
+    sequence = target.new_sequence(prompt)
+    target.prefill(sequence, len(prompt) - 1)
+    generator = make_generator(sampling.seed)
+    accepted_lens = []
+    for _ in range(12):
+        assert block.start_position == len(sequence.token_ids)
+        verification, _ = verify_block(target, sequence, block, sampling, generator)
+        rollback_to = block.start_position + verification.accepted_len
+        accepted_lens.append(verification.accepted_len)
+        # Target: every sequence token but the last is cached, nothing past the accepted prefix.
+        assert sequence.cached_len == rollback_to == len(sequence.token_ids) - 1
+        session.apply_verdict(Verdict(block.block_index, verification.accepted_len, verification.next_token_id,
+                                      rollback_to, k), vocabulary.vocab_size)
+        # Draft: cropped to rollback_to; after a fully accepted block its last draft token was never fed.
+        assert session.sequence.cached_len == min(rollback_to, block.start_position + k - 1)
+        assert session.sequence.token_ids == sequence.token_ids
+        block = session.draft_block(engine.runner, k)
+    if draft_name == "target" and sampling.greedy:
+        assert accepted_lens == [k] * 12
+    else:
+        assert min(accepted_lens) < k  # rejections happened and were rolled back
+    engine.close_session(session)
+    assert engine.live_sessions == 0
