@@ -36,6 +36,7 @@ class DraftEndpoint:
     max_context_tokens: int = 0
     max_num_speculative_tokens: int = 0
     live_sessions: int = 0
+    sessions_opened: int = 0
 
 
 class DraftLink:
@@ -171,10 +172,12 @@ class DraftPool:
         reason = self.why_unusable(start, total_tokens)
         if reason:
             raise DraftLinkError(reason)
+        # Least busy first; among equally busy ones, the least used so far, so sequential sessions alternate.
         endpoint = min((e for e in self.endpoints if e.connected and self._fits(e, start, total_tokens)),
-                       key=lambda e: e.live_sessions)
+                       key=lambda e: (e.live_sessions, e.sessions_opened))
         call = endpoint.stub.Speculate()
         endpoint.live_sessions += 1
+        endpoint.sessions_opened += 1
         link = DraftLink(endpoint, call)
         try:
             await link.send_start(start)

@@ -153,3 +153,67 @@ def test_server_help_explains_every_flag(module):
     extra = ["--cpus", "--numa-node", "--threads", "--backend"] if module == "draft_server" else ["--draft", "--device"]
     for flag in extra:
         assert flag in completed.stdout
+
+
+def test_sessions_are_spread_over_several_draft_servers(model_dirs, log_dir, reference, unrelated_draft,
+                                                         related_draft):
+    from servers import start_target
+
+    target = start_target(model_dirs["target"], log_dir, "target-two-drafts",
+                          [unrelated_draft.address, related_draft.address])
+    try:
+        with Client(target.address, timeout=60) as client:
+            results = [client.generate(p, max_new_tokens=16, ignore_eos=True) for p in PROMPTS[:2]]
+            info = client.info()
+        assert {r.stats.draft_server for r in results} == {unrelated_draft.address, related_draft.address}
+        for prompt, result in zip(PROMPTS, results):
+            assert list(result.token_ids) == reference(prompt, 16)
+        assert [s.connected for s in info.draft_servers] == [True, True]
+    finally:
+        assert target.stop() == 0
+
+
+def test_async_client_generates_and_streams(target_related, reference):
+    import asyncio
+
+    from splitspec_client import AsyncClient
+
+    async def run():
+        async with AsyncClient(target_related.address, timeout=60) as client:
+            result = await client.generate(PROMPTS[1], max_new_tokens=20, ignore_eos=True)
+            chunks = [chunk async for chunk in client.stream(PROMPTS[1], max_new_tokens=20, ignore_eos=True)]
+        return result, chunks
+
+    result, chunks = asyncio.run(run())
+    assert list(result.token_ids) == reference(PROMPTS[1], 20)
+    assert [t for c in chunks for t in c.token_ids] == list(result.token_ids)
+
+
+def test_draft_info_reports_pinning_and_isa(model_dirs, log_dir):
+    import grpc
+    from splitspec_client.v1 import draft_pb2, draft_pb2_grpc
+
+    from servers import start_draft
+
+    draft = start_draft(model_dirs["related_draft"], log_dir, "pinned-draft", "--cpus", "0", "--numa-node", "0")
+    try:
+        with grpc.insecure_channel(draft.address) as channel:
+            info = draft_pb2_grpc.DraftServiceStub(channel).Info(draft_pb2.DraftInfoRequest(), timeout=10)
+    finally:
+        assert draft.stop() == 0
+    assert list(info.pinned_cpus) == [0] and info.threads == 1
+    assert info.dtype == "float32" and info.backend == "torch"
+    assert info.isa != draft_pb2.ISA_UNSPECIFIED and "avx2" in info.isa_flags
+    # Binding to node 0 works on this single-node machine unless the sandbox forbids set_mempolicy; then it says so.
+    assert info.numa_node == 0 or any("memory binding" in note for note in info.pinning_notes)
+    assert info.vocabulary.vocab_size > 0 and info.max_context_tokens == 512 and info.live_sessions == 0
+
+
+def test_draft_refuses_impossible_pinning(model_dirs):
+    import subprocess
+    import sys
+
+    completed = subprocess.run([sys.executable, "-m", "draft_server", "--model", model_dirs["related_draft"],
+                                "--numa-node", "7"], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2
+    assert "--numa-node 7: no such NUMA node" in completed.stderr
