@@ -31,7 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--draft-timeout", type=float, default=10.0,
                         help="Seconds to wait for a draft block before the session falls back to target-only.")
     parser.add_argument("--draft-probe-interval", type=float, default=2.0,
-                        help="Seconds between health probes (Info) of each draft server.")
+                        help="Seconds between health probes (Info) of each connected draft server; a failed one is "
+                             "probed again after this, doubling up to --draft-max-backoff.")
+    parser.add_argument("--draft-max-backoff", type=float, default=30.0,
+                        help="Longest wait, in seconds, between probes of a draft server that keeps failing.")
+    parser.add_argument("--max-draft-reopens", type=int, default=2,
+                        help="Times a request may move to another (or a recovered) draft server after its draft "
+                             "session fails, before it finishes on the target alone.")
     parser.add_argument("--threads", type=int, default=None, help="Torch intra-op threads (CPU target).")
     parser.add_argument("--log-level", default="info", help="Logging level.")
     return parser
@@ -74,9 +80,11 @@ async def _serve(args, device, dtype) -> int:
     model = models.load_causal_lm(args.model, device, dtype)
     tokenizer = models.load_tokenizer(args.tokenizer or args.model, required=True)
     vocabulary = models.vocabulary_of(model, tokenizer)
-    pool = DraftPool(args.draft, vocabulary, probe_interval_s=args.draft_probe_interval)
+    pool = DraftPool(args.draft, vocabulary, probe_interval_s=args.draft_probe_interval,
+                     max_backoff_s=args.draft_max_backoff)
     await pool.start()
-    engine = TargetEngine(CausalLMRunner(model), tokenizer, vocabulary, pool, args.draft_timeout)
+    engine = TargetEngine(CausalLMRunner(model), tokenizer, vocabulary, pool, args.draft_timeout,
+                          max_draft_reopens=args.max_draft_reopens)
     limits = Limits(
         vocab_size=vocabulary.vocab_size,
         max_context_tokens=models.max_context_tokens(model),

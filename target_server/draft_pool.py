@@ -37,6 +37,7 @@ class DraftEndpoint:
     max_num_speculative_tokens: int = 0
     live_sessions: int = 0
     sessions_opened: int = 0
+    consecutive_failures: int = 0
 
 
 class DraftLink:
@@ -95,38 +96,48 @@ class DraftLink:
 
 
 class DraftPool:
-    """Draft servers of this target: probed through Info, sessions spread over the connected ones."""
+    """Draft servers of this target: probed through Info, sessions spread over the connected ones.
+
+    A draft that fails (unreachable, stalled, broken stream) is taken out of rotation at once and probed again
+    with exponential back-off, from `probe_interval_s` up to `max_backoff_s`; it returns when a probe succeeds.
+    """
 
     def __init__(self, addresses: list[str], target_vocabulary: Vocabulary, probe_interval_s: float = 2.0,
-                 max_message_bytes: int = 16 * 1024 * 1024):
+                 max_backoff_s: float = 30.0, max_message_bytes: int = 16 * 1024 * 1024):
         self.target_vocabulary = target_vocabulary
         self.probe_interval_s = probe_interval_s
+        self.max_backoff_s = max(max_backoff_s, probe_interval_s)
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
         self.endpoints = []
         for address in addresses:
             channel = grpc.aio.insecure_channel(address, options=options)
             self.endpoints.append(DraftEndpoint(address, draft_pb2_grpc.DraftServiceStub(channel), channel))
-        self._monitor: asyncio.Task | None = None
+        self._monitors: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        await self.probe_all()
-        if self.endpoints:
-            self._monitor = asyncio.create_task(self._probe_forever())
+        await asyncio.gather(*(self._probe(e) for e in self.endpoints))
+        self._monitors = [asyncio.create_task(self._probe_forever(e)) for e in self.endpoints]
 
     async def close(self) -> None:
-        if self._monitor is not None:
-            self._monitor.cancel()
+        for monitor in self._monitors:
+            monitor.cancel()
         for endpoint in self.endpoints:
             await endpoint.channel.close()
 
-    async def _probe_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.probe_interval_s)
-            await self.probe_all()
+    def _next_probe_delay(self, endpoint: DraftEndpoint) -> float:
+        if endpoint.connected:
+            return self.probe_interval_s
+        return min(self.probe_interval_s * 2 ** min(endpoint.consecutive_failures, 16), self.max_backoff_s)
 
-    async def probe_all(self) -> None:
-        await asyncio.gather(*(self._probe(e) for e in self.endpoints))
+    async def _probe_forever(self, endpoint: DraftEndpoint) -> None:
+        while True:
+            await asyncio.sleep(self._next_probe_delay(endpoint))
+            await self._probe(endpoint)
+
+    def report_failure(self, endpoint: DraftEndpoint, reason: str) -> None:
+        """A session on `endpoint` failed: stop sending it sessions until a probe says it is back."""
+        self._set_state(endpoint, False, reason)
 
     async def _probe(self, endpoint: DraftEndpoint) -> None:
         try:
@@ -151,6 +162,7 @@ class DraftPool:
             else:
                 log.error("draft %s not used: %s", endpoint.address, error)
         endpoint.connected, endpoint.error = connected, error
+        endpoint.consecutive_failures = 0 if connected else endpoint.consecutive_failures + 1
 
     def why_unusable(self, start: SessionStart, total_tokens: int) -> str | None:
         """Why no draft can serve this session, or None when one can."""

@@ -15,12 +15,13 @@ import torch
 
 from splitspec.kv_cache import CausalLMRunner, SequenceKV
 from splitspec.models import Vocabulary
-from splitspec.protocol import CandidateBlock, SessionStart, Verdict
+from splitspec.protocol import CandidateBlock
 from splitspec.sampling import SamplingParams, densify, logits_to_probs, make_generator
 from splitspec.speculative import Verification, verify_greedy, verify_sampling
 from target_server.detokenizer import IncrementalDetokenizer
-from target_server.draft_pool import DraftLink, DraftLinkError, DraftPool
+from target_server.draft_pool import DraftPool
 from target_server.request import GenerationRequest
+from target_server.speculation import Speculation
 
 log = logging.getLogger(__name__)
 
@@ -69,34 +70,6 @@ class GenerationUpdate:
     stats: GenerationStats | None = None
 
 
-def block_problem(block: CandidateBlock, expected_index: int, expected_start: int, expected_len: int,
-                  greedy: bool, vocab_size: int) -> str | None:
-    """Why a block from a draft server cannot be used as is (a draft is not trusted to be correct)."""
-    if block.block_index != expected_index:
-        return f"block_index {block.block_index}, expected {expected_index}"
-    if block.start_position != expected_start:
-        return f"start_position {block.start_position}, expected {expected_start}"
-    if len(block.token_ids) != expected_len:
-        return f"{len(block.token_ids)} draft tokens, expected {expected_len}"
-    if any(not 0 <= t < vocab_size for t in block.token_ids):
-        return "draft token id out of the vocabulary"
-    if greedy:
-        return None
-    if len(block.draft_probs) != expected_len:
-        return f"{len(block.draft_probs)} draft distributions for {expected_len} draft tokens"
-    for token_id, q in zip(block.token_ids, block.draft_probs):
-        ids, probs = q.token_ids, q.probs
-        if ids.shape != probs.shape or ids.numel() == 0:
-            return "draft distribution with mismatched or empty ids and probs"
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab_size or ids.unique().numel() != ids.numel():
-            return "draft distribution ids out of the vocabulary or repeated"
-        if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()) or abs(float(probs.sum()) - 1) > 1e-3:
-            return "draft distribution probabilities not a distribution"
-        if not bool(probs[ids == token_id].gt(0).any()):
-            return "draft token has probability 0 under its own distribution"
-    return None
-
-
 def verify_block(runner: CausalLMRunner, sequence: SequenceKV, block: CandidateBlock | None,
                  sampling: SamplingParams, generator: torch.Generator) -> tuple[Verification, int]:
     """One target forward over [uncached tokens + draft tokens]; keeps the accepted prefix.
@@ -125,12 +98,13 @@ def verify_block(runner: CausalLMRunner, sequence: SequenceKV, block: CandidateB
 
 class TargetEngine:
     def __init__(self, runner: CausalLMRunner, tokenizer, vocabulary: Vocabulary, pool: DraftPool,
-                 draft_timeout_s: float):
+                 draft_timeout_s: float, max_draft_reopens: int = 2):
         self.runner = runner
         self.tokenizer = tokenizer
         self.vocabulary = vocabulary
         self.pool = pool
         self.draft_timeout_s = draft_timeout_s
+        self.max_draft_reopens = max_draft_reopens
         self.live_sessions = 0
         # One model worker: requests interleave forward passes on it (batching them is a later step).
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-model")
@@ -145,18 +119,18 @@ class TargetEngine:
         generator = make_generator(request.sampling.seed, self.runner.device)
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.stop)
         eos_token_ids = set() if request.ignore_eos else set(self.vocabulary.eos_token_ids)
+        speculation = Speculation(self.pool, request, self.vocabulary, self.draft_timeout_s, self.max_draft_reopens)
+        generated: list[int] = []
         self.live_sessions += 1
-        link: DraftLink | None = None
         try:
-            link = await self._open_link(request, stats)
+            await speculation.open(sequence.token_ids, self._next_block_size(request, 0))
             # The target caches the prompt while the draft drafts its first block.
             await self._run(self.runner.prefill, sequence, len(sequence.token_ids) - 1)
-            generated: list[int] = []
             finish_reason = None
             while finish_reason is None:
-                block = None
-                if link is not None:
-                    block, link = await self._receive_block(link, sequence, request, stats)
+                waited_from = time.perf_counter_ns()
+                block = await speculation.next_block(sequence.token_ids, self._next_block_size(request, len(generated)))
+                stats.draft_wait_ns += time.perf_counter_ns() - waited_from
                 verification, verify_ns = await self._run(verify_block, self.runner, sequence, block, request.sampling,
                                                           generator)
                 stats.rounds += 1
@@ -164,9 +138,8 @@ class TargetEngine:
                 if block is not None:
                     stats.record_block(len(block.token_ids), verification.accepted_len)
                 new_token_ids = (block.token_ids if block else [])[: verification.accepted_len]
-                new_token_ids = new_token_ids + [verification.next_token_id]
                 emitted = []
-                for token_id in new_token_ids:
+                for token_id in new_token_ids + [verification.next_token_id]:
                     emitted.append(token_id)
                     detokenizer.add_token(token_id)
                     if detokenizer.stopped:
@@ -181,81 +154,23 @@ class TargetEngine:
                 if not stats.time_to_first_token_ns:
                     stats.time_to_first_token_ns = time.perf_counter_ns() - arrived
                 if finish_reason:
-                    if link is not None:
-                        await link.close()
-                        link = None
+                    await speculation.close()
                     detokenizer.flush()
                     stats.generated_tokens = len(generated)
                     stats.total_time_ns = time.perf_counter_ns() - arrived
+                    stats.draft_server, stats.fallback_reason = speculation.draft_server, speculation.fallback_reason
                     yield GenerationUpdate(emitted, detokenizer.take_delta(final=True), finish_reason, stats)
-                    break
+                    return
                 yield GenerationUpdate(emitted, detokenizer.take_delta(final=False))
-                if block is not None and link is not None:
-                    link = await self._send_verdict(link, block, verification, request, len(generated), stats)
+                if block is not None:
+                    await speculation.send_verdict(block, verification, self._next_block_size(request, len(generated)))
         finally:
             self.live_sessions -= 1
-            if link is not None:
-                await link.close(cancel=True)
+            await speculation.close(cancel=True)
 
     def _next_block_size(self, request: GenerationRequest, generated: int) -> int:
         # A round yields at most k + 1 tokens: never draft past max_new_tokens.
         return max(0, min(request.num_speculative_tokens, request.max_new_tokens - generated - 1))
-
-    async def _open_link(self, request: GenerationRequest, stats: GenerationStats) -> DraftLink | None:
-        num_tokens = self._next_block_size(request, 0)
-        if num_tokens == 0:
-            return None
-        start = SessionStart(request.prompt_token_ids, request.sampling, num_tokens, self.vocabulary,
-                             request.request_id)
-        try:
-            link = await self.pool.open(start, len(request.prompt_token_ids) + request.max_new_tokens)
-        except DraftLinkError as exc:
-            stats.fallback_reason = str(exc)
-            return None
-        stats.draft_server = link.address
-        return link
-
-    async def _fall_back(self, link: DraftLink, stats: GenerationStats, reason: str) -> None:
-        log.warning("falling back to target-only decoding: %s", reason)
-        stats.fallback_reason = reason
-        await link.close(cancel=True)
-
-    async def _receive_block(self, link: DraftLink, sequence: SequenceKV,
-                             request: GenerationRequest, stats: GenerationStats):
-        waited_from = time.perf_counter_ns()
-        try:
-            block = await link.next_block(self.draft_timeout_s)
-        except DraftLinkError as exc:
-            await self._fall_back(link, stats, str(exc))
-            return None, None
-        finally:
-            stats.draft_wait_ns += time.perf_counter_ns() - waited_from
-        problem = block_problem(block, link.next_block_index, len(sequence.token_ids), link.requested_tokens,
-                                request.sampling.greedy, self.vocabulary.vocab_size)
-        if problem:
-            await self._fall_back(link, stats, f"draft {link.address} sent an invalid block: {problem}")
-            return None, None
-        return block, link
-
-    async def _send_verdict(self, link: DraftLink, block: CandidateBlock, verification: Verification,
-                            request: GenerationRequest, generated: int, stats: GenerationStats) -> DraftLink | None:
-        num_tokens = self._next_block_size(request, generated)
-        verdict = Verdict(
-            block_index=block.block_index,
-            accepted_len=verification.accepted_len,
-            next_token_id=verification.next_token_id,
-            rollback_to=block.start_position + verification.accepted_len,
-            num_speculative_tokens=num_tokens,
-        )
-        try:
-            await link.send_verdict(verdict)
-        except DraftLinkError as exc:
-            await self._fall_back(link, stats, str(exc))
-            return None
-        if num_tokens == 0:
-            await link.close()
-            return None
-        return link
 
     def shutdown(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
