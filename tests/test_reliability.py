@@ -1,0 +1,147 @@
+"""Fault injection with real processes: the draft half is an optimisation, its failure never fails a request."""
+
+import concurrent.futures
+import signal
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+from splitspec_client import Client
+from splitspec_client.v1 import draft_pb2, draft_pb2_grpc
+
+from servers import start_draft, start_target
+
+PROMPT = "The quick brown fox"
+LONG = 200  # tokens: long enough that a fault lands mid-generation
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition, timeout_s: float, interval_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval_s)
+    return condition()
+
+
+def draft_live_sessions(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return draft_pb2_grpc.DraftServiceStub(channel).Info(draft_pb2.DraftInfoRequest(), timeout=5).live_sessions
+
+
+def stream_after_first_chunk(address: str, on_first_chunk, count: int, prompt: str = PROMPT):
+    """`count` concurrent streams; `on_first_chunk` runs once every stream has produced a chunk."""
+    pool = concurrent.futures.ThreadPoolExecutor(count)
+    started = [False] * count
+    all_started = threading.Barrier(count + 1)
+
+    def run(i):
+        with Client(address, timeout=120) as client:
+            chunks = []
+            for chunk in client.stream(f"{prompt} {i}", max_new_tokens=LONG, num_speculative_tokens=4,
+                                       ignore_eos=True):
+                chunks.append(chunk)
+                if not started[i]:
+                    started[i] = True
+                    all_started.wait(30)
+            return [t for c in chunks for t in c.token_ids], chunks[-1].stats
+
+    futures = [pool.submit(run, i) for i in range(count)]
+    all_started.wait(30)
+    on_first_chunk()
+    results = [f.result(timeout=120) for f in futures]
+    pool.shutdown()
+    return results
+
+
+def test_killed_draft_falls_back_then_reconnects(model_dirs, log_dir, reference):
+    port = free_port()
+    draft = start_draft(model_dirs["related_draft"], log_dir, "killed-draft", "--port", str(port))
+    target = start_target(model_dirs["target"], log_dir, "target-killed-draft", [draft.address],
+                          "--draft-probe-interval", "0.2", "--draft-max-backoff", "0.5")
+    try:
+        results = stream_after_first_chunk(target.address, lambda: draft.process.send_signal(signal.SIGKILL), 3)
+        for i, (token_ids, stats) in enumerate(results):
+            assert token_ids == reference(f"{PROMPT} {i}", LONG)
+            assert stats.fallback_reason, "the draft died mid-generation, yet no fallback was recorded"
+        draft.stop()
+
+        restarted = start_draft(model_dirs["related_draft"], log_dir, "restarted-draft", "--port", str(port))
+        try:
+            with Client(target.address, timeout=60) as client:
+                assert wait_until(lambda: client.info().draft_servers[0].connected, 20)
+                result = client.generate(PROMPT, max_new_tokens=32, ignore_eos=True)
+            assert list(result.token_ids) == reference(PROMPT, 32)
+            assert result.stats.draft_server == restarted.address and not result.stats.fallback_reason
+            assert result.stats.num_drafts > 0
+        finally:
+            assert restarted.stop() == 0
+    finally:
+        assert target.stop() == 0
+
+
+def test_sessions_move_to_a_live_draft(model_dirs, log_dir, reference):
+    doomed = start_draft(model_dirs["related_draft"], log_dir, "doomed-draft")
+    survivor = start_draft(model_dirs["related_draft"], log_dir, "surviving-draft")
+    target = start_target(model_dirs["target"], log_dir, "target-two-drafts-kill", [doomed.address, survivor.address])
+    try:
+        results = stream_after_first_chunk(target.address, lambda: doomed.process.send_signal(signal.SIGKILL), 4)
+        moved = 0
+        for i, (token_ids, stats) in enumerate(results):
+            assert token_ids == reference(f"{PROMPT} {i}", LONG)
+            if doomed.address in stats.fallback_reason:
+                assert stats.draft_server == survivor.address  # re-opened on the live draft
+                moved += 1
+        assert moved >= 1
+        with Client(target.address, timeout=10) as client:
+            statuses = {s.address: s for s in client.info().draft_servers}
+        assert not statuses[doomed.address].connected and statuses[survivor.address].connected
+    finally:
+        assert target.stop() == 0
+        doomed.stop()
+        assert survivor.stop() == 0
+
+
+def test_stalled_draft_times_out_and_falls_back(model_dirs, log_dir, reference):
+    draft = start_draft(model_dirs["related_draft"], log_dir, "stalled-draft")
+    target = start_target(model_dirs["target"], log_dir, "target-stalled-draft", [draft.address],
+                          "--draft-timeout", "1.0")
+    try:
+        started = time.monotonic()
+        results = stream_after_first_chunk(target.address, lambda: draft.process.send_signal(signal.SIGSTOP), 2)
+        elapsed = time.monotonic() - started
+        for i, (token_ids, stats) in enumerate(results):
+            assert token_ids == reference(f"{PROMPT} {i}", LONG)
+            assert "within 1.0s" in stats.fallback_reason
+        assert elapsed < 60  # bounded: one timeout per session, then target-only decoding
+    finally:
+        draft.process.send_signal(signal.SIGCONT)
+        assert target.stop() == 0
+        assert draft.stop() == 0
+
+
+@pytest.mark.parametrize("call", ["stream", "unary"])
+def test_client_cancel_frees_the_session_on_both_halves(target_related, related_draft, call):
+    with Client(target_related.address, timeout=60) as client:
+        if call == "stream":
+            stream = client.stream(PROMPT, max_new_tokens=LONG, ignore_eos=True)
+            next(stream)
+            assert client.info().live_sessions == 1
+            stream.close()  # cancels the RPC
+        else:
+            with pytest.raises(Exception):
+                client.generate(PROMPT, max_new_tokens=LONG, ignore_eos=True, timeout=0.3)
+        cancelled_at = time.monotonic()
+        assert wait_until(lambda: client.info().live_sessions == 0 and draft_live_sessions(related_draft.address) == 0,
+                          1.0), "sessions still live 1 s after the client went away"
+        assert time.monotonic() - cancelled_at <= 1.5
+        # And the server goes on serving.
+        assert client.generate(PROMPT, max_new_tokens=8, ignore_eos=True).stats.generated_tokens == 8
