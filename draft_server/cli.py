@@ -3,8 +3,12 @@
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import sys
+import threading
 
+from splitspec.server_cli import add_common_flags
 from splitspec.topology import parse_cpu_list
 
 log = logging.getLogger("splitspec.draft")
@@ -17,8 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="Hugging Face causal LM: a local directory or a hub id.")
-    parser.add_argument("--host", default="0.0.0.0", help="Address to listen on.")
-    parser.add_argument("--port", type=int, default=50052, help="Port to listen on (0 picks a free one and logs it).")
+    add_common_flags(parser, default_port=50052)
     parser.add_argument("--cpus", type=parse_cpu_list, default=None,
                         help="CPUs to pin to, e.g. 0-15 or 0-7,16-23. Default: the NUMA node's CPUs, else all online.")
     parser.add_argument("--numa-node", type=int, default=None,
@@ -37,15 +40,32 @@ def build_parser() -> argparse.ArgumentParser:
                              "(renormalized; the draft samples from exactly that), bounding message size.")
     parser.add_argument("--max-sessions", type=int, default=256,
                         help="Open sessions beyond which new ones get RESOURCE_EXHAUSTED.")
-    parser.add_argument("--log-level", default="info", help="Logging level.")
+    parser.add_argument("--exit-when-stdin-closes", action="store_true",
+                        help="Shut down when standard input reaches end of file. A parent process that starts this "
+                             "server as its worker (splitspec.LLM) holds the other end, so the server never outlives "
+                             "it, even when the parent is killed.")
     return parser
+
+
+def _exit_when_stdin_closes() -> None:
+    """SIGTERM ourselves at end of input: the usual graceful shutdown, or the default exit before it is set up."""
+
+    def watch():
+        # The raw descriptor, not sys.stdin: a daemon thread blocked on a buffered reader aborts interpreter shutdown.
+        while os.read(0, 4096):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from splitspec.grpc_server import configure_logging
 
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
+    if args.exit_when_stdin_closes:
+        _exit_when_stdin_closes()
     from splitspec import topology
 
     machine = topology.read_topology()
@@ -74,13 +94,14 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _serve(args, machine, pinning, isa, backend, dtype) -> int:
     import torch
-    from splitspec_client.v1 import draft_pb2_grpc
-
     from draft_server.engine import DraftEngine, DraftLimits
     from draft_server.servicer import DraftServerDescription, DraftServicer
     from splitspec import models, topology
-    from splitspec.grpc_server import GrpcServer
+    from prometheus_client import CollectorRegistry
+
     from splitspec.kv_cache import CausalLMRunner
+    from splitspec.metrics import DraftMetrics
+    from splitspec.server_cli import build_server
 
     model = backend.optimize(models.load_causal_lm(args.model, torch.device("cpu"), dtype), dtype)
     vocabulary = models.vocabulary_of(model, models.load_tokenizer(args.model, required=False))
@@ -90,7 +111,10 @@ async def _serve(args, machine, pinning, isa, backend, dtype) -> int:
         max_draft_support=args.max_draft_support,
         max_sessions=args.max_sessions,
     )
-    engine = DraftEngine(CausalLMRunner(model), vocabulary, limits)
+    registry = CollectorRegistry()
+    metrics = DraftMetrics(registry)
+    engine = DraftEngine(CausalLMRunner(model), vocabulary, limits, metrics)
+    metrics.live_sessions.set_function(lambda: engine.live_sessions)
     description = DraftServerDescription(
         model=args.model,
         dtype=str(dtype).removeprefix("torch."),
@@ -102,14 +126,17 @@ async def _serve(args, machine, pinning, isa, backend, dtype) -> int:
         threads=pinning.threads,
         pinning_notes=pinning.notes,
     )
-    server = GrpcServer(args.host, args.port)
-    server.add_service("splitspec.v1.DraftService", draft_pb2_grpc.add_DraftServiceServicer_to_server,
-                       DraftServicer(engine, description))
+    try:
+        server = build_server(args, registry)
+    except (ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    server.add_service("splitspec.v1.DraftService", DraftServicer(engine, description))
 
     async def on_stop():
         engine.shutdown()
 
-    await server.run(on_stop=on_stop)
+    await server.run(grace_s=args.shutdown_grace, on_stop=on_stop)
     return 0
 
 

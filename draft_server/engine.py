@@ -12,9 +12,11 @@ import logging
 import time
 
 import torch
+from prometheus_client import CollectorRegistry
 
 from splitspec.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from splitspec.kv_cache import CausalLMRunner, SequenceKV
+from splitspec.metrics import DraftMetrics
 from splitspec.models import Vocabulary
 from splitspec.protocol import CandidateBlock, SessionStart, SparseDistribution, Verdict
 from splitspec.sampling import SamplingParams, logits_to_probs, make_generator, sample_sparse, sparse_distribution
@@ -33,13 +35,15 @@ class DraftLimits:
 class DraftSession:
     """The draft's view of one sequence. Not thread-safe: the engine runs its steps one at a time."""
 
-    def __init__(self, session_id: int, start: SessionStart, sequence: SequenceKV, limits: DraftLimits):
+    def __init__(self, session_id: int, start: SessionStart, sequence: SequenceKV, limits: DraftLimits,
+                 device: torch.device):
         self.session_id = session_id
         self.request_id = start.request_id
         self.sampling: SamplingParams = start.sampling
         self.sequence = sequence
         self.limits = limits
-        self.generator = make_generator(start.sampling.seed)
+        # On the model's device: splitspec.LLM runs an in-process draft on the target's device, a GPU included.
+        self.generator = make_generator(start.sampling.seed, device)
         self.next_block_index = 0
         self.open_block: CandidateBlock | None = None  # sent, awaiting its verdict
 
@@ -107,8 +111,10 @@ class DraftSession:
 
 
 class DraftEngine:
-    def __init__(self, runner: CausalLMRunner, vocabulary: Vocabulary, limits: DraftLimits):
+    def __init__(self, runner: CausalLMRunner, vocabulary: Vocabulary, limits: DraftLimits,
+                 metrics: DraftMetrics | None = None):
         self.runner = runner
+        self.metrics = metrics or DraftMetrics(CollectorRegistry())
         self.vocabulary = vocabulary
         self.limits = limits
         self.sessions: dict[int, DraftSession] = {}
@@ -136,16 +142,21 @@ class DraftEngine:
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
+    def _drafted(self, block: CandidateBlock | None) -> CandidateBlock | None:
+        if block is not None:
+            self.metrics.record_block(len(block.token_ids), block.draft_ns / 1e9)
+        return block
+
     async def start_session(self, start: SessionStart) -> tuple[DraftSession, CandidateBlock]:
         """Open a session and draft its first block."""
         self._validate_start(start)
         session = DraftSession(next(self._session_ids), start, self.runner.new_sequence(start.prompt_token_ids),
-                               self.limits)
+                               self.limits, self.runner.device)
         session.check_block_size("start.num_speculative_tokens", start.num_speculative_tokens, allow_zero=False)
         self.sessions[session.session_id] = session
         log.info("session %d open (request %s, %d prompt tokens)", session.session_id, start.request_id,
                  len(start.prompt_token_ids))
-        return session, await self._run(session.draft_block, self.runner, start.num_speculative_tokens)
+        return session, self._drafted(await self._run(session.draft_block, self.runner, start.num_speculative_tokens))
 
     async def step(self, session: DraftSession, verdict: Verdict) -> CandidateBlock | None:
         """Apply a verdict; draft the next block when the verdict asks for one."""
@@ -156,7 +167,7 @@ class DraftEngine:
                 return None
             return session.draft_block(self.runner, verdict.num_speculative_tokens)
 
-        return await self._run(apply_and_draft)
+        return self._drafted(await self._run(apply_and_draft))
 
     def close_session(self, session: DraftSession) -> None:
         if self.sessions.pop(session.session_id, None) is not None:

@@ -7,7 +7,6 @@ from splitspec_client.v1 import draft_pb2, draft_pb2_grpc
 from draft_server.engine import DraftEngine
 from splitspec import wire
 from splitspec.errors import FailedPrecondition, InvalidArgument
-from splitspec.grpc_server import rpc_errors
 
 ISA_TO_PB = {
     "amx": draft_pb2.ISA_AMX,
@@ -37,7 +36,6 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         self.engine = engine
         self.description = description
 
-    @rpc_errors
     async def Speculate(self, request_iterator, context):
         session = None
         try:
@@ -60,7 +58,6 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             if session is not None:
                 self.engine.close_session(session)
 
-    @rpc_errors
     async def Info(self, request, context):
         d = self.description
         return draft_pb2.DraftInfoResponse(

@@ -1,6 +1,6 @@
 """Domain errors and their gRPC status codes: the one place where a failure gets its status.
 
-Engine code raises these; servicers turn them into a gRPC status through `splitspec.grpc_server.rpc_errors`.
+Engine code raises these; `splitspec.grpc_server` turns them into a gRPC status for every RPC it serves.
 Anything else that escapes an RPC is a bug and becomes INTERNAL.
 """
 
@@ -47,3 +47,15 @@ class Unavailable(SplitspecError):
     """The server is shutting down or a dependency is gone."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unauthenticated(SplitspecError):
+    """No valid credentials (bearer token) came with the call."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(SplitspecError):
+    """The caller is known (client certificate) but not allowed to call this server."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED

@@ -5,6 +5,8 @@ import asyncio
 import logging
 import sys
 
+from splitspec.server_cli import add_common_flags
+
 log = logging.getLogger("splitspec.target")
 
 
@@ -19,8 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--draft", action="append", default=[], metavar="HOST:PORT",
                         help="A draft server; repeat for several (sessions go to the least busy connected one). "
                              "None: the target decodes alone, with the same output.")
-    parser.add_argument("--host", default="0.0.0.0", help="Address to listen on.")
-    parser.add_argument("--port", type=int, default=50051, help="Port to listen on (0 picks a free one and logs it).")
+    add_common_flags(parser, default_port=50051)
+    parser.add_argument("--draft-tls-ca", default=None, help="PEM CA of the draft servers' certificates: use TLS.")
+    parser.add_argument("--draft-tls-cert", default=None,
+                        help="PEM client certificate presented to draft servers (mutual TLS).")
+    parser.add_argument("--draft-tls-key", default=None, help="PEM private key of --draft-tls-cert.")
+    parser.add_argument("--draft-auth-token-file", default=None,
+                        help="File holding the bearer token draft servers require (their --auth-token-file).")
     parser.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda, cuda:N.")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="Weights dtype. auto: bfloat16 on GPUs that support it (else float16), float32 on CPU.")
@@ -38,8 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-draft-reopens", type=int, default=2,
                         help="Times a request may move to another (or a recovered) draft server after its draft "
                              "session fails, before it finishes on the target alone.")
+    parser.add_argument("--max-concurrent-requests", type=int, default=128,
+                        help="Requests decoded at once; more wait (see --max-waiting-requests).")
+    parser.add_argument("--max-waiting-requests", type=int, default=128,
+                        help="Requests that may wait for a slot; beyond that, new ones get RESOURCE_EXHAUSTED at once.")
+    parser.add_argument("--max-input-tokens", type=int, default=None,
+                        help="Longest prompt accepted, in tokens (RESOURCE_EXHAUSTED beyond). Default: the model's "
+                             "context.")
+    parser.add_argument("--max-total-tokens", type=int, default=None,
+                        help="Largest prompt + max_new_tokens accepted (RESOURCE_EXHAUSTED beyond). Default: the "
+                             "model's context.")
+    parser.add_argument("--max-stop-sequences", type=int, default=16, help="Most stop strings a request may give.")
     parser.add_argument("--threads", type=int, default=None, help="Torch intra-op threads (CPU target).")
-    parser.add_argument("--log-level", default="info", help="Logging level.")
     return parser
 
 
@@ -47,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from splitspec.grpc_server import configure_logging
 
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     if not 0 <= args.num_speculative_tokens <= args.max_num_speculative_tokens:
         print("splitspec-target: error: --num-speculative-tokens must be in [0, --max-num-speculative-tokens]",
               file=sys.stderr)
@@ -65,11 +82,14 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _serve(args, device, dtype) -> int:
     import torch
-    from splitspec_client.v1 import target_pb2_grpc
+    from prometheus_client import CollectorRegistry
 
     from splitspec import models
-    from splitspec.grpc_server import GrpcServer
     from splitspec.kv_cache import CausalLMRunner
+    from splitspec.metrics import TargetMetrics
+    from splitspec.security import ClientSecurity
+    from splitspec.server_cli import build_server
+    from target_server.admission import Admission
     from target_server.draft_pool import DraftPool
     from target_server.engine import TargetEngine
     from target_server.request import Limits
@@ -80,26 +100,41 @@ async def _serve(args, device, dtype) -> int:
     model = models.load_causal_lm(args.model, device, dtype)
     tokenizer = models.load_tokenizer(args.tokenizer or args.model, required=True)
     vocabulary = models.vocabulary_of(model, tokenizer)
+    try:
+        draft_security = ClientSecurity.from_files(args.draft_tls_ca, args.draft_tls_cert, args.draft_tls_key,
+                                                   args.draft_auth_token_file)
+        registry = CollectorRegistry()
+        server = build_server(args, registry)
+    except (ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
     pool = DraftPool(args.draft, vocabulary, probe_interval_s=args.draft_probe_interval,
-                     max_backoff_s=args.draft_max_backoff)
+                     max_backoff_s=args.draft_max_backoff, security=draft_security,
+                     max_message_bytes=args.max_message_bytes)
     await pool.start()
     engine = TargetEngine(CausalLMRunner(model), tokenizer, vocabulary, pool, args.draft_timeout,
-                          max_draft_reopens=args.max_draft_reopens)
+                          max_draft_reopens=args.max_draft_reopens,
+                          admission=Admission(args.max_concurrent_requests, args.max_waiting_requests),
+                          metrics=TargetMetrics(registry))
+    engine.metrics.num_requests_running.set_function(lambda: engine.admission.running)
+    engine.metrics.num_requests_waiting.set_function(lambda: engine.admission.waiting)
     limits = Limits(
         vocab_size=vocabulary.vocab_size,
         max_context_tokens=models.max_context_tokens(model),
         num_speculative_tokens=args.num_speculative_tokens,
         max_num_speculative_tokens=args.max_num_speculative_tokens,
+        max_input_tokens=args.max_input_tokens,
+        max_total_tokens=args.max_total_tokens,
+        max_stop_sequences=args.max_stop_sequences,
     )
-    server = GrpcServer(args.host, args.port)
     servicer = TargetServicer(engine, limits, args.model, str(dtype).removeprefix("torch."))
-    server.add_service("splitspec.v1.TargetService", target_pb2_grpc.add_TargetServiceServicer_to_server, servicer)
+    server.add_service("splitspec.v1.TargetService", servicer)
 
     async def on_stop():
         await pool.close()
         engine.shutdown()
 
-    await server.run(on_stop=on_stop)
+    await server.run(grace_s=args.shutdown_grace, on_stop=on_stop)
     return 0
 
 

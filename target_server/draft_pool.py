@@ -13,6 +13,8 @@ import grpc
 from splitspec_client.v1 import draft_pb2, draft_pb2_grpc
 
 from splitspec import wire
+from splitspec.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
+from splitspec.security import ClientSecurity
 from splitspec.models import Vocabulary
 from splitspec.protocol import CandidateBlock, SessionStart, Verdict
 
@@ -103,15 +105,18 @@ class DraftPool:
     """
 
     def __init__(self, addresses: list[str], target_vocabulary: Vocabulary, probe_interval_s: float = 2.0,
-                 max_backoff_s: float = 30.0, max_message_bytes: int = 16 * 1024 * 1024):
+                 max_backoff_s: float = 30.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 security: ClientSecurity | None = None):
         self.target_vocabulary = target_vocabulary
         self.probe_interval_s = probe_interval_s
         self.max_backoff_s = max(max_backoff_s, probe_interval_s)
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
         self.endpoints = []
+        self.security = security or ClientSecurity()
+        self.metadata = self.security.call_metadata()
         for address in addresses:
-            channel = grpc.aio.insecure_channel(address, options=options)
+            channel = self.security.channel(address, options)
             self.endpoints.append(DraftEndpoint(address, draft_pb2_grpc.DraftServiceStub(channel), channel))
         self._monitors: list[asyncio.Task] = []
 
@@ -141,7 +146,8 @@ class DraftPool:
 
     async def _probe(self, endpoint: DraftEndpoint) -> None:
         try:
-            info = await endpoint.stub.Info(draft_pb2.DraftInfoRequest(), timeout=PROBE_TIMEOUT_S)
+            info = await endpoint.stub.Info(draft_pb2.DraftInfoRequest(), timeout=PROBE_TIMEOUT_S,
+                                            metadata=self.metadata)
         except grpc.RpcError as exc:
             self._set_state(endpoint, False, f"unreachable: {exc.code().name}: {exc.details()}")
             return
@@ -187,7 +193,7 @@ class DraftPool:
         # Least busy first; among equally busy ones, the least used so far, so sequential sessions alternate.
         endpoint = min((e for e in self.endpoints if e.connected and self._fits(e, start, total_tokens)),
                        key=lambda e: (e.live_sessions, e.sessions_opened))
-        call = endpoint.stub.Speculate()
+        call = endpoint.stub.Speculate(metadata=self.metadata)
         endpoint.live_sessions += 1
         endpoint.sessions_opened += 1
         link = DraftLink(endpoint, call)

@@ -12,12 +12,15 @@ import time
 from collections.abc import AsyncIterator
 
 import torch
+from prometheus_client import CollectorRegistry
 
+from splitspec.metrics import TargetMetrics
 from splitspec.kv_cache import CausalLMRunner, SequenceKV
 from splitspec.models import Vocabulary
 from splitspec.protocol import CandidateBlock
 from splitspec.sampling import SamplingParams, densify, logits_to_probs, make_generator
 from splitspec.speculative import Verification, verify_greedy, verify_sampling
+from target_server.admission import Admission
 from target_server.detokenizer import IncrementalDetokenizer
 from target_server.draft_pool import DraftPool
 from target_server.request import GenerationRequest
@@ -98,13 +101,16 @@ def verify_block(runner: CausalLMRunner, sequence: SequenceKV, block: CandidateB
 
 class TargetEngine:
     def __init__(self, runner: CausalLMRunner, tokenizer, vocabulary: Vocabulary, pool: DraftPool,
-                 draft_timeout_s: float, max_draft_reopens: int = 2):
+                 draft_timeout_s: float, max_draft_reopens: int = 2, admission: Admission | None = None,
+                 metrics: TargetMetrics | None = None):
         self.runner = runner
         self.tokenizer = tokenizer
         self.vocabulary = vocabulary
         self.pool = pool
         self.draft_timeout_s = draft_timeout_s
         self.max_draft_reopens = max_draft_reopens
+        self.admission = admission or Admission(max_running=1024, max_waiting=0)
+        self.metrics = metrics or TargetMetrics(CollectorRegistry())
         self.live_sessions = 0
         # One model worker: requests interleave forward passes on it (batching them is a later step).
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-model")
@@ -114,6 +120,11 @@ class TargetEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationUpdate]:
         arrived = time.perf_counter_ns()
+        async with self.admission.slot():
+            async for update in self._generate(request, arrived):
+                yield update
+
+    async def _generate(self, request: GenerationRequest, arrived: int) -> AsyncIterator[GenerationUpdate]:
         stats = GenerationStats(prompt_tokens=len(request.prompt_token_ids))
         sequence = self.runner.new_sequence(request.prompt_token_ids)
         generator = make_generator(request.sampling.seed, self.runner.device)
@@ -127,6 +138,7 @@ class TargetEngine:
             # The target caches the prompt while the draft drafts its first block.
             await self._run(self.runner.prefill, sequence, len(sequence.token_ids) - 1)
             finish_reason = None
+            last_update = arrived
             while finish_reason is None:
                 waited_from = time.perf_counter_ns()
                 block = await speculation.next_block(sequence.token_ids, self._next_block_size(request, len(generated)))
@@ -137,6 +149,7 @@ class TargetEngine:
                 stats.verify_ns += verify_ns
                 if block is not None:
                     stats.record_block(len(block.token_ids), verification.accepted_len)
+                    self.metrics.record_block(len(block.token_ids), verification.accepted_len)
                 new_token_ids = (block.token_ids if block else [])[: verification.accepted_len]
                 emitted = []
                 for token_id in new_token_ids + [verification.next_token_id]:
@@ -151,14 +164,20 @@ class TargetEngine:
                     if finish_reason:
                         break
                 generated += emitted
+                now = time.perf_counter_ns()
                 if not stats.time_to_first_token_ns:
-                    stats.time_to_first_token_ns = time.perf_counter_ns() - arrived
+                    stats.time_to_first_token_ns = now - arrived
+                    self.metrics.time_to_first_token.observe(stats.time_to_first_token_ns / 1e9)
+                else:
+                    self.metrics.record_inter_token(len(emitted), (now - last_update) / 1e9)
+                last_update = now
                 if finish_reason:
                     await speculation.close()
                     detokenizer.flush()
                     stats.generated_tokens = len(generated)
                     stats.total_time_ns = time.perf_counter_ns() - arrived
                     stats.draft_server, stats.fallback_reason = speculation.draft_server, speculation.fallback_reason
+                    self.metrics.record_finish(stats)
                     yield GenerationUpdate(emitted, detokenizer.take_delta(final=True), finish_reason, stats)
                     return
                 yield GenerationUpdate(emitted, detokenizer.take_delta(final=False))

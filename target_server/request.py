@@ -6,22 +6,28 @@ import uuid
 from splitspec_client.v1 import target_pb2
 
 from splitspec import wire
-from splitspec.errors import InvalidArgument
+from splitspec.errors import InvalidArgument, ResourceExhausted
 from splitspec.sampling import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 64
-MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 256
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """What the target server accepts; fixed at start-up."""
+    """What the target server accepts; fixed at start-up.
+
+    The model's own context is a property of the request (INVALID_ARGUMENT when exceeded); the operator's limits
+    below are capacity (RESOURCE_EXHAUSTED), as TGI's --max-input-tokens and --max-total-tokens are.
+    """
 
     vocab_size: int
     max_context_tokens: int
     num_speculative_tokens: int  # default per request
     max_num_speculative_tokens: int
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None  # prompt + max_new_tokens
+    max_stop_sequences: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +75,19 @@ def from_pb(message: target_pb2.GenerateRequest, tokenizer, limits: Limits) -> G
                               f"of {limits.max_context_tokens} tokens (at most {room} new tokens for this prompt)"
         )
 
-    if len(message.stop) > MAX_STOP_SEQUENCES:
-        raise InvalidArgument("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(message.stop)}")
+    if limits.max_input_tokens is not None and len(prompt_token_ids) > limits.max_input_tokens:
+        raise ResourceExhausted(
+            f"prompt: {len(prompt_token_ids)} tokens exceed this server's --max-input-tokens {limits.max_input_tokens}"
+        )
+    total_tokens = len(prompt_token_ids) + max_new_tokens
+    if limits.max_total_tokens is not None and total_tokens > limits.max_total_tokens:
+        raise ResourceExhausted(
+            f"max_new_tokens: {len(prompt_token_ids)} prompt + {max_new_tokens} new tokens exceed this server's "
+            f"--max-total-tokens {limits.max_total_tokens}"
+        )
+
+    if len(message.stop) > limits.max_stop_sequences:
+        raise InvalidArgument("stop", f"at most {limits.max_stop_sequences} stop sequences, got {len(message.stop)}")
     for stop in message.stop:
         if not stop or len(stop) > MAX_STOP_SEQUENCE_CHARS:
             raise InvalidArgument("stop", f"each stop sequence must have 1 to {MAX_STOP_SEQUENCE_CHARS} characters")

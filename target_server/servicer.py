@@ -3,7 +3,6 @@
 from splitspec_client.v1 import target_pb2, target_pb2_grpc
 
 from splitspec import wire
-from splitspec.grpc_server import rpc_errors
 from target_server import request as request_types
 from target_server.engine import GenerationStats, TargetEngine
 
@@ -44,7 +43,6 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
     def _request(self, message):
         return request_types.from_pb(message, self.engine.tokenizer, self.limits)
 
-    @rpc_errors
     async def Generate(self, message, context):
         response = target_pb2.GenerateResponse()
         async for update in self.engine.generate(self._request(message)):
@@ -55,7 +53,6 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                 response.stats.CopyFrom(stats_to_pb(update.stats))
         return response
 
-    @rpc_errors
     async def GenerateStream(self, message, context):
         async for update in self.engine.generate(self._request(message)):
             chunk = target_pb2.GenerateStreamResponse(token_ids=update.token_ids, text=update.text)
@@ -64,7 +61,6 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                 chunk.stats.CopyFrom(stats_to_pb(update.stats))
             yield chunk
 
-    @rpc_errors
     async def Info(self, message, context):
         return target_pb2.TargetInfoResponse(
             model=self.model,

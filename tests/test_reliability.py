@@ -145,3 +145,42 @@ def test_client_cancel_frees_the_session_on_both_halves(target_related, related_
         assert time.monotonic() - cancelled_at <= 1.5
         # And the server goes on serving.
         assert client.generate(PROMPT, max_new_tokens=8, ignore_eos=True).stats.generated_tokens == 8
+
+
+def test_overload_is_refused_at_once_and_admitted_requests_complete(model_dirs, log_dir, reference, related_draft):
+    from splitspec_client import ResourceExhaustedError
+
+    target = start_target(model_dirs["target"], log_dir, "target-limited", [related_draft.address],
+                          "--max-concurrent-requests", "2", "--max-waiting-requests", "1",
+                          "--max-input-tokens", "40", "--max-total-tokens", "300")
+    try:
+        barrier = threading.Barrier(8)
+
+        def run(i):
+            with Client(target.address, timeout=120) as client:
+                barrier.wait(30)
+                started = time.monotonic()
+                try:
+                    result = client.generate(f"{PROMPT} {i}", max_new_tokens=LONG, ignore_eos=True)
+                    return i, result, None, time.monotonic() - started
+                except ResourceExhaustedError as exc:
+                    return i, None, exc, time.monotonic() - started
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(run, range(8)))
+        admitted = [(i, r) for i, r, e, _ in outcomes if r is not None]
+        refused = [(e, elapsed) for _, r, e, elapsed in outcomes if e is not None]
+        assert len(admitted) >= 3 and len(refused) >= 1 and len(admitted) + len(refused) == 8
+        for i, result in admitted:
+            assert list(result.token_ids) == reference(f"{PROMPT} {i}", LONG)
+        for error, elapsed in refused:
+            assert "retry later" in error.details and elapsed < 2.0
+
+        with Client(target.address, timeout=30) as client:
+            with pytest.raises(ResourceExhaustedError, match="--max-input-tokens 40"):
+                client.generate("word " * 60, max_new_tokens=4)
+            with pytest.raises(ResourceExhaustedError, match="--max-total-tokens 300"):
+                client.generate(PROMPT, max_new_tokens=299)
+            assert client.info().live_sessions == 0
+    finally:
+        assert target.stop() == 0
