@@ -18,8 +18,11 @@ LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 class ServerProcess:
     """`python -m <module> ...` with its log in a file; `address` once it listens."""
 
-    def __init__(self, module: str, args: list[str], log_path: pathlib.Path, startup_timeout_s: float = 120.0):
+    def __init__(self, module: str, args: list[str], log_path: pathlib.Path, startup_timeout_s: float = 120.0,
+                 secure_ca: str | None = None, client_cert: tuple[str, str] | None = None):
         self.module = module
+        self.secure_ca = secure_ca
+        self.client_cert = client_cert
         self.log_path = log_path
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         self._log = open(log_path, "w")
@@ -38,7 +41,14 @@ class ServerProcess:
             match = LISTENING.search(self.log())
             if match:
                 address = f"127.0.0.1:{match.group(1)}"
-                with grpc.insecure_channel(address) as channel:
+                if self.secure_ca is None:
+                    channel = grpc.insecure_channel(address)
+                else:
+                    cert, key = (pathlib.Path(p).read_bytes() for p in self.client_cert) if self.client_cert else (
+                        None, None)
+                    credentials = grpc.ssl_channel_credentials(pathlib.Path(self.secure_ca).read_bytes(), key, cert)
+                    channel = grpc.secure_channel(f"localhost:{match.group(1)}", credentials)
+                with channel:
                     health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
                 return address
             if self.process.poll() is not None:
@@ -62,12 +72,14 @@ class ServerProcess:
         return self.process.returncode
 
 
-def start_draft(model_dir: str, log_dir: pathlib.Path, name: str, *extra: str) -> ServerProcess:
+def start_draft(model_dir: str, log_dir: pathlib.Path, name: str, *extra: str, **security) -> ServerProcess:
     return ServerProcess("draft_server", ["--model", model_dir, "--threads", "1", "--dtype", "float32", *extra],
-                         log_dir / f"{name}.log")
+                         log_dir / f"{name}.log", **security)
 
 
-def start_target(model_dir: str, log_dir: pathlib.Path, name: str, drafts: list[str], *extra: str) -> ServerProcess:
+def start_target(model_dir: str, log_dir: pathlib.Path, name: str, drafts: list[str], *extra: str,
+                 secure_ca: str | None = None) -> ServerProcess:
     draft_args = [arg for address in drafts for arg in ("--draft", address)]
     return ServerProcess("target_server", ["--model", model_dir, "--threads", "1", "--dtype", "float32",
-                                           "--device", "cpu", *draft_args, *extra], log_dir / f"{name}.log")
+                                           "--device", "cpu", *draft_args, *extra], log_dir / f"{name}.log",
+                         secure_ca=secure_ca)

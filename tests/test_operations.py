@@ -1,0 +1,182 @@
+"""Operations with real processes: metrics, TLS / mutual TLS / bearer tokens, message limits, graceful shutdown."""
+
+import pathlib
+import re
+import signal
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from splitspec_client import (Client, PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError,
+                              UnavailableError)
+from splitspec_client.v1 import draft_pb2, draft_pb2_grpc
+
+from certs import make_pki
+from servers import start_draft, start_target
+
+PROMPT = "The quick brown fox"
+METRICS_AT = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
+
+
+def scrape(server) -> str:
+    port = METRICS_AT.search(server.log()).group(1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def metric(text: str, name: str, **labels) -> float:
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            rest = line[len(name):]
+            if rest.startswith((" ", "{")):
+                return float(line.rsplit(" ", 1)[1])
+    raise KeyError(f"{name} {labels} not in metrics")
+
+
+def test_prometheus_metrics_on_both_halves(model_dirs, log_dir, reference):
+    metrics_flags = ("--metrics-port", "0", "--metrics-host", "127.0.0.1")
+    draft = start_draft(model_dirs["related_draft"], log_dir, "metrics-draft", *metrics_flags)
+    target = start_target(model_dirs["target"], log_dir, "metrics-target", [draft.address], *metrics_flags)
+    try:
+        with Client(target.address, timeout=60) as client:
+            result = client.generate(PROMPT, max_new_tokens=24, ignore_eos=True, num_speculative_tokens=3)
+            list(client.stream(PROMPT, max_new_tokens=8))
+            with pytest.raises(Exception):
+                client.generate(PROMPT, max_new_tokens=0)
+        assert list(result.token_ids) == reference(PROMPT, 24)
+        text = scrape(target)
+        generate = "/splitspec.v1.TargetService/Generate"
+        assert metric(text, "splitspec:rpc_requests_total", method=generate, code="OK") == 1
+        assert metric(text, "splitspec:rpc_requests_total", method=generate, code="INVALID_ARGUMENT") == 1
+        assert metric(text, "splitspec:rpc_requests_total", method="/splitspec.v1.TargetService/GenerateStream",
+                      code="OK") == 1
+        assert metric(text, "splitspec:spec_decode_num_drafts_total") >= result.stats.num_drafts
+        assert metric(text, "splitspec:spec_decode_num_accepted_tokens_total") >= result.stats.num_accepted_tokens
+        assert metric(text, "splitspec:spec_decode_num_accepted_tokens_per_pos_total", position="0") >= 0
+        assert metric(text, "splitspec:time_to_first_token_seconds_count") == 2
+        assert metric(text, "splitspec:e2e_request_latency_seconds_count") == 2
+        assert metric(text, "splitspec:inter_token_latency_seconds_count") > 0
+        assert metric(text, "splitspec:num_requests_running") == 0
+        assert metric(text, "splitspec:generation_tokens_total") == 32
+        draft_text = scrape(draft)
+        assert metric(draft_text, "splitspec:draft_blocks_total") >= result.stats.num_drafts
+        assert metric(draft_text, "splitspec:draft_live_sessions") == 0
+        assert metric(draft_text, "splitspec:rpc_requests_total", method="/splitspec.v1.DraftService/Speculate",
+                      code="OK") >= 1
+    finally:
+        assert target.stop() == 0
+        assert draft.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def secured(model_dirs, log_dir, tmp_path_factory):
+    """Draft: mutual TLS, only certificate 'target' allowed, token required. Target: TLS and a token for clients."""
+    directory = tmp_path_factory.mktemp("pki")
+    pki = make_pki(directory, ["target", "draft", "intruder"])
+    (directory / "draft-token").write_text("draft-secret\n")
+    (directory / "client-token").write_text("client-secret\n")
+    ca = pki["ca"][0]
+    draft = start_draft(model_dirs["related_draft"], log_dir, "secure-draft",
+                        "--tls-cert", pki["draft"][0], "--tls-key", pki["draft"][1], "--tls-client-ca", ca,
+                        "--allowed-client-names", "target", "--auth-token-file", str(directory / "draft-token"),
+                        secure_ca=ca, client_cert=pki["target"])
+    target = start_target(model_dirs["target"], log_dir, "secure-target", [f"localhost:{draft.address.split(':')[1]}"],
+                          "--tls-cert", pki["target"][0], "--tls-key", pki["target"][1],
+                          "--auth-token-file", str(directory / "client-token"),
+                          "--draft-tls-ca", ca, "--draft-tls-cert", pki["target"][0],
+                          "--draft-tls-key", pki["target"][1],
+                          "--draft-auth-token-file", str(directory / "draft-token"), secure_ca=ca)
+    yield pki, draft, target
+    assert target.stop() == 0
+    assert draft.stop() == 0
+
+
+def _tls(pki, name=None):
+    ca = pathlib.Path(pki["ca"][0]).read_bytes()
+    if name is None:
+        return grpc.ssl_channel_credentials(ca)
+    cert, key = (pathlib.Path(p).read_bytes() for p in pki[name])
+    return grpc.ssl_channel_credentials(ca, key, cert)
+
+
+def test_tls_and_tokens_protect_the_target(secured, reference):
+    pki, draft, target = secured
+    address = f"localhost:{target.address.split(':')[1]}"
+    with Client(address, credentials=_tls(pki), metadata=[("authorization", "Bearer client-secret")],
+                timeout=60) as client:
+        result = client.generate(PROMPT, max_new_tokens=16, ignore_eos=True)
+    assert list(result.token_ids) == reference(PROMPT, 16)
+    assert result.stats.num_drafts > 0 and not result.stats.fallback_reason  # the draft accepted the target
+
+    with Client(address, credentials=_tls(pki), timeout=30) as client:
+        with pytest.raises(UnauthenticatedError, match="missing bearer token"):
+            client.generate(PROMPT, max_new_tokens=4)
+    with Client(address, credentials=_tls(pki), metadata=[("authorization", "Bearer wrong")], timeout=30) as client:
+        with pytest.raises(UnauthenticatedError, match="invalid bearer token"):
+            client.info()
+    with Client(address, timeout=10) as client:  # plaintext against a TLS port
+        with pytest.raises(UnavailableError):
+            client.info()
+
+
+def test_draft_only_answers_the_target(secured):
+    pki, draft, _ = secured
+    address = f"localhost:{draft.address.split(':')[1]}"
+    token = [("authorization", "Bearer draft-secret")]
+    with grpc.secure_channel(address, _tls(pki, "intruder")) as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            draft_pb2_grpc.DraftServiceStub(channel).Info(draft_pb2.DraftInfoRequest(), metadata=token, timeout=10)
+        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED and "intruder" in error.value.details()
+    with grpc.secure_channel(address, _tls(pki, "target")) as channel:
+        stub = draft_pb2_grpc.DraftServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Info(draft_pb2.DraftInfoRequest(), timeout=10)
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert stub.Info(draft_pb2.DraftInfoRequest(), metadata=token, timeout=10).vocabulary.vocab_size > 0
+        # Health stays open to probes.
+        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
+    with grpc.secure_channel(address, _tls(pki)) as channel:  # no client certificate: the handshake fails
+        with pytest.raises(grpc.RpcError) as error:
+            draft_pb2_grpc.DraftServiceStub(channel).Info(draft_pb2.DraftInfoRequest(), metadata=token, timeout=10)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_message_size_limit_is_resource_exhausted(model_dirs, log_dir):
+    target = start_target(model_dirs["target"], log_dir, "small-messages", [], "--max-message-bytes", "2000")
+    try:
+        with Client(target.address, timeout=30) as client:
+            with pytest.raises(ResourceExhaustedError):
+                client.generate("x" * 3000, max_new_tokens=2)
+            assert client.generate([5] * 10, max_new_tokens=2).stats.generated_tokens >= 1
+    finally:
+        assert target.stop() == 0
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(model_dirs, log_dir, reference):
+    target = start_target(model_dirs["target"], log_dir, "draining-target", [], "--shutdown-grace", "60")
+    first_chunk = threading.Event()
+    outcome = {}
+
+    def long_request():
+        with Client(target.address, timeout=120) as client:
+            chunks = []
+            for chunk in client.stream(PROMPT, max_new_tokens=300, ignore_eos=True):
+                chunks.append(chunk)
+                first_chunk.set()
+            outcome["token_ids"] = [t for c in chunks for t in c.token_ids]
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    assert first_chunk.wait(60)
+    target.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with Client(target.address, timeout=10) as client:
+        with pytest.raises(UnavailableError):
+            client.generate(PROMPT, max_new_tokens=4)
+    thread.join(120)
+    assert outcome["token_ids"] == reference(PROMPT, 300)  # the in-flight request finished, whole
+    assert target.process.wait(60) == 0
+    target.stop()
