@@ -83,3 +83,11 @@ def start_target(model_dir: str, log_dir: pathlib.Path, name: str, drafts: list[
     return ServerProcess("target_server", ["--model", model_dir, "--threads", "1", "--dtype", "float32",
                                            "--device", "cpu", *draft_args, *extra], log_dir / f"{name}.log",
                          secure_ca=secure_ca)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, from procfs."""
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
