@@ -2,9 +2,11 @@
 
     splitspec generate "Once upon a time" --target gpu-box:50051 --temperature 0.8 --seed 1
     splitspec info --json
+    splitspec loadtest --concurrency 8 --total 200 --stream --max-new-tokens 64 --json report.json
 
 Exit status: 0 on success, 2 when the server refuses the request as given (INVALID_ARGUMENT, FAILED_PRECONDITION:
-fix the arguments), 1 for any other failure (retrying may help).
+fix the arguments), 1 for any other failure (retrying may help). `loadtest` exits 1 when any of its requests failed
+(the status codes are in its report).
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ from collections.abc import Sequence
 
 import grpc
 
+from . import loadtest
 from .client import Client
 from .errors import SplitspecError
 from .types import GenerationStats, TargetInfo
 
 DEFAULT_TARGET = "localhost:50051"
 _REQUEST_ERROR_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+DEFAULT_LOADTEST_PROMPT = "The quick brown fox"
+DEFAULT_LOADTEST_TOTAL = 100
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _connection_options(default_timeout: float | None) -> argparse.ArgumentParser:
     # Built per call so that SPLITSPEC_TARGET is read when the command runs.
     connection = argparse.ArgumentParser(add_help=False)
     connection.add_argument(
@@ -35,26 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help=f"target server address (default: $SPLITSPEC_TARGET, else {DEFAULT_TARGET})",
     )
-    connection.add_argument("--timeout", type=float, metavar="SECONDS", help="deadline of the call (default: none)")
-    connection.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    connection.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=default_timeout,
+        metavar="SECONDS",
+        help=f"deadline of each call (default: {default_timeout or 'none'})",
+    )
+    return connection
 
-    parser = argparse.ArgumentParser(
-        prog="splitspec", description="Client of a splitspec target server (speculative decoding over gRPC)."
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    generate = commands.add_parser(
-        "generate",
-        parents=[connection],
-        help="generate a completion",
-        description="Generate a completion; the text is streamed to stdout, a stats summary goes to stderr.",
-    )
-    generate.add_argument("prompt", help="prompt text")
-    generate.add_argument(
-        "--no-stream", action="store_true", help="wait for the whole completion instead of streaming it"
-    )
-    # Left unset (None) unless given, so that the SDK's defaults apply: they are defined in one place.
-    params = generate.add_argument_group("generation parameters")
+def _add_generation_params(parser: argparse.ArgumentParser) -> list[str]:
+    """Add the generation parameters; returns their destination names. They stay None (unset) unless given, so
+    that the SDK's defaults apply: those are defined in one place."""
+    params = parser.add_argument_group("generation parameters")
     param_actions = [
         params.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens to generate at most (default: 64)"),
         params.add_argument("--temperature", type=float, metavar="T", help="0 decodes greedily (default: 0)"),
@@ -74,16 +73,101 @@ def build_parser() -> argparse.ArgumentParser:
             help="draft tokens per verification round; 0 turns speculation off (default: the server's)",
         ),
     ]
-    generate.set_defaults(run=_generate, param_names=[action.dest for action in param_actions])
+    return [action.dest for action in param_actions]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    connection = _connection_options(default_timeout=None)
+    json_output = argparse.ArgumentParser(add_help=False)
+    json_output.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    parser = argparse.ArgumentParser(
+        prog="splitspec", description="Client of a splitspec target server (speculative decoding over gRPC)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser(
+        "generate",
+        parents=[connection, json_output],
+        help="generate a completion",
+        description="Generate a completion; the text is streamed to stdout, a stats summary goes to stderr.",
+    )
+    generate.add_argument("prompt", help="prompt text")
+    generate.add_argument(
+        "--no-stream", action="store_true", help="wait for the whole completion instead of streaming it"
+    )
+    generate.set_defaults(run=_generate, param_names=_add_generation_params(generate))
 
     info = commands.add_parser(
         "info",
-        parents=[connection],
+        parents=[connection, json_output],
         help="show what a target server runs",
         description="Show the target's model, device, vocabulary, speculation settings and its draft servers.",
     )
     info.set_defaults(run=_info)
+
+    _add_loadtest_parser(commands)
     return parser
+
+
+def _add_loadtest_parser(commands) -> None:
+    loadtest_parser = commands.add_parser(
+        "loadtest",
+        parents=[_connection_options(default_timeout=60.0)],
+        help="load-test a target server",
+        description="Send concurrent requests to one target server and report requests/s, latency, time to first "
+        "token and inter-token latency (p50/p90/p99), tokens/s and status codes. Progress goes to stderr.",
+    )
+    prompts = loadtest_parser.add_argument_group("prompts (sent in turn)")
+    prompts.add_argument(
+        "--prompt", action="append", metavar="TEXT", help=f"a prompt; repeatable (default: {DEFAULT_LOADTEST_PROMPT!r})"
+    )
+    prompts.add_argument("--prompt-file", metavar="FILE", help="prompts, one per line (blank lines are skipped)")
+    load = loadtest_parser.add_argument_group("load")
+    load.add_argument(
+        "--concurrency", type=_positive(int), default=4, metavar="N", help="requests in flight at most (default: 4)"
+    )
+    length = load.add_mutually_exclusive_group()
+    length.add_argument(
+        "--total", type=_positive(int), metavar="N", help=f"requests to send (default: {DEFAULT_LOADTEST_TOTAL})"
+    )
+    length.add_argument(
+        "--duration",
+        type=_positive(float),
+        metavar="SECONDS",
+        help="send requests for this long instead; those in flight then finish",
+    )
+    load.add_argument(
+        "--rate",
+        type=_positive(float),
+        metavar="RPS",
+        help="start requests on a fixed schedule of RPS per second; one whose start time passed while --concurrency "
+        "requests were in flight starts as soon as one ends (default: as fast as --concurrency allows)",
+    )
+    load.add_argument(
+        "--stream",
+        action="store_true",
+        help="call GenerateStream, which measures time to first token and inter-token latency (default: Generate)",
+    )
+    loadtest_parser.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="write the report as JSON to FILE; without FILE, print it instead of the text report",
+    )
+    loadtest_parser.set_defaults(run=_loadtest, param_names=_add_generation_params(loadtest_parser))
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,8 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _params(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in args.param_names if getattr(args, name) is not None}
+
+
 def _generate(client: Client, args: argparse.Namespace) -> int:
-    params = {name: getattr(args, name) for name in args.param_names if getattr(args, name) is not None}
+    params = _params(args)
     finish_reason, stats = None, None
     if args.json or args.no_stream:
         result = client.generate(args.prompt, **params)
@@ -156,3 +244,74 @@ def _describe(info: TargetInfo) -> str:
         state = f"connected, {server.model}, {server.live_sessions} live sessions" if server.connected else server.error
         lines.append(f"  {server.address}: {state}")
     return "\n".join(lines)
+
+
+def _loadtest(client: Client, args: argparse.Namespace) -> int:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as lines:
+                from_file = [line.rstrip("\n") for line in lines if line.strip()]
+        except OSError as err:
+            print(f"error: --prompt-file: {err}", file=sys.stderr)
+            return 2
+        if not from_file:
+            print(f"error: --prompt-file: no prompts in {args.prompt_file}", file=sys.stderr)
+            return 2
+        prompts += from_file
+    total = args.total if args.total is not None or args.duration is not None else DEFAULT_LOADTEST_TOTAL
+    plan = loadtest.LoadPlan(
+        prompts=tuple(prompts or [DEFAULT_LOADTEST_PROMPT]),
+        params=_params(args),
+        concurrency=args.concurrency,
+        total=total,
+        duration_s=args.duration,
+        rate=args.rate,
+        stream=args.stream,
+    )
+    progress = _ProgressLine(sys.stderr, total)
+    report = loadtest.LoadRun(client, plan).run(on_progress=progress.update)
+    progress.close()
+    report = {"target": args.target, "call": "GenerateStream" if plan.stream else "Generate",
+              "concurrency": plan.concurrency, "total": plan.total, "duration_s": plan.duration_s,
+              "rate": plan.rate, **report}
+    if args.json is not None:
+        text = json.dumps(report, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w", encoding="utf-8") as out:
+                out.write(text + "\n")
+    if args.json != "-":
+        print(f"{report['call']} on {args.target}, concurrency {plan.concurrency}")
+        print(loadtest.format_report(report))
+    return 0 if report["errors"] == 0 else 1
+
+
+class _ProgressLine:
+    """One status line on stderr: rewritten in place on a terminal, else printed every few seconds."""
+
+    def __init__(self, stream, total: int | None, log_interval_s: float = 5.0):
+        self._stream = stream
+        self._total = total
+        self._tty = stream.isatty()
+        self._log_interval_s = log_interval_s
+        self._last_logged = 0.0
+        self._line = ""
+
+    def update(self, progress: loadtest.Progress) -> None:
+        done = f"{progress.done}/{self._total}" if self._total else str(progress.done)
+        rate = progress.done / progress.elapsed_s if progress.elapsed_s > 0 else 0.0
+        self._line = (f"[{progress.elapsed_s:6.1f} s] {done} done, {progress.in_flight} in flight, "
+                      f"{progress.failed} failed, {rate:.1f} req/s")
+        if self._tty:
+            self._stream.write("\r" + self._line + "\x1b[K")
+            self._stream.flush()
+        elif progress.elapsed_s - self._last_logged >= self._log_interval_s:
+            self._last_logged = progress.elapsed_s
+            print(self._line, file=self._stream, flush=True)
+
+    def close(self) -> None:
+        """End with the final state on its own line."""
+        self._stream.write(("\r" + self._line + "\x1b[K\n") if self._tty else (self._line + "\n"))
+        self._stream.flush()

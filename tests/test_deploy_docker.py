@@ -1,0 +1,156 @@
+"""deploy/docker: the Dockerfiles pass hadolint, the compose file validates against the compose specification's
+JSON schema (as vendored by check-jsonschema), and what they start is consistent: flags the servers accept, the
+health check on the served port, the draft's CPU list in both places, a GPU for the target. The health probe that
+the images run is checked against a real server. No image is built here: base images cannot be pulled.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from draft_server.cli import build_parser as draft_parser
+from target_server.cli import build_parser as target_parser
+
+DOCKER_DIR = pathlib.Path(__file__).resolve().parent.parent / "deploy" / "docker"
+DOCKERFILES = {"draft": DOCKER_DIR / "Dockerfile.draft", "target": DOCKER_DIR / "Dockerfile.target"}
+COMPOSE_FILE = DOCKER_DIR / "compose.yaml"
+PARSERS = {"draft": draft_parser, "target": target_parser}
+
+
+def tool(name: str) -> str:
+    """A lint tool from the dev extra, which `make install` installs."""
+    path = shutil.which(name, path=str(pathlib.Path(sys.executable).parent)) or shutil.which(name)
+    assert path, f"{name} is missing: `make install` installs it (the dev extra of pyproject.toml)"
+    return path
+
+
+def hadolint(*dockerfiles: pathlib.Path) -> subprocess.CompletedProcess:
+    # The default failure threshold is "info": any finding fails.
+    return subprocess.run([tool("hadolint"), "--no-color", *map(str, dockerfiles)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def validate_compose(path: pathlib.Path) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_dockerfiles_pass_hadolint():
+    result = hadolint(*DOCKERFILES.values())
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("broken", [
+    pytest.param(lambda text: text.replace("torch==2.13.0", "torch"), id="unpinned-package"),
+    pytest.param(lambda text: text.replace("FROM python:3.11-slim-bookworm AS base", "FROM python AS base"),
+                 id="untagged-base-image"),
+])
+def test_hadolint_catches_a_broken_dockerfile(tmp_path, broken):
+    """Negative control: the lint above would fail on each of these."""
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text(broken(DOCKERFILES["draft"].read_text()))
+    assert hadolint(dockerfile).returncode != 0
+
+
+def test_compose_file_matches_the_compose_specification():
+    result = validate_compose(COMPOSE_FILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("broken", [
+    pytest.param(lambda text: text.replace("cpuset:", "cpuset_cpus:"), id="unknown-key"),
+    pytest.param(lambda text: text.replace("capabilities: [gpu]", "capabilities: gpu"), id="wrong-type"),
+])
+def test_compose_validation_catches_a_broken_file(tmp_path, broken):
+    """Negative control: the validation above would fail on each of these."""
+    compose = tmp_path / "compose.yaml"
+    compose.write_text(broken(COMPOSE_FILE.read_text()))
+    assert validate_compose(compose).returncode != 0
+
+
+def instructions(dockerfile: pathlib.Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the final stage, continuation lines joined, comments dropped."""
+    lines = [line for line in dockerfile.read_text().splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))
+    parsed = [tuple(line.split(None, 1)) for line in joined.splitlines() if line.strip()]
+    last_from = max(index for index, (keyword, _) in enumerate(parsed) if keyword == "FROM")
+    return [(keyword.upper(), arguments) for keyword, arguments in parsed[last_from:]]
+
+
+def final_stage(half: str) -> dict[str, str]:
+    return dict(instructions(DOCKERFILES[half]))
+
+
+def interpolate(value: str) -> str:
+    """Compose's ${VAR:-default}, with every variable unset."""
+    result = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+    assert "$" not in result, f"{value!r}: give every variable a default"
+    return result
+
+
+def compose_services() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+
+
+@pytest.mark.parametrize("half", ["draft", "target"])
+def test_image_runs_as_non_root_and_checks_health_on_its_port(half):
+    stage = final_stage(half)
+    user = stage["USER"].split(":")[0]
+    assert user.isdigit() and int(user) != 0
+    entrypoint = json.loads(stage["ENTRYPOINT"])
+    port = entrypoint[entrypoint.index("--port") + 1]
+    probe = json.loads(stage["HEALTHCHECK"].split("CMD", 1)[1])
+    assert probe[1:3] == ["-m", "splitspec_client.health"] and probe[3] == f"127.0.0.1:{port}"
+    assert stage["EXPOSE"] == port
+
+
+@pytest.mark.parametrize("half", ["draft", "target"])
+def test_compose_starts_each_server_with_flags_it_accepts(half):
+    entrypoint = json.loads(final_stage(half)["ENTRYPOINT"])
+    command = [interpolate(str(word)) for word in compose_services()[half]["command"]]
+    args = PARSERS[half]().parse_args(entrypoint[1:] + command)
+    assert args.model.startswith("/models/")
+
+
+def test_compose_pins_the_draft_and_gives_the_target_a_gpu():
+    services = compose_services()
+    draft, target = services["draft"], services["target"]
+    draft_args = draft_parser().parse_args([interpolate(str(word)) for word in draft["command"]])
+    # The container's cpuset and the server's own pinning name the same CPUs, and its threads fit them.
+    assert draft["command"][draft["command"].index("--cpus") + 1] == draft["cpuset"]
+    assert draft_args.numa_node is not None and len(draft_args.cpus) == draft_args.threads
+    assert interpolate(draft["environment"]["OMP_NUM_THREADS"]) == str(draft_args.threads)
+    assert "SYS_NICE" in draft["cap_add"], "set_mempolicy needs it under Docker's default seccomp profile"
+    (gpu,) = target["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu["capabilities"] == ["gpu"] and (gpu["count"] == "all" or int(gpu["count"]) >= 1)
+    # The target reaches the draft by its service name, on the port the draft image serves.
+    target_args = target_parser().parse_args([interpolate(str(word)) for word in target["command"]])
+    draft_entrypoint = json.loads(final_stage("draft")["ENTRYPOINT"])
+    assert target_args.draft == [f"draft:{draft_entrypoint[draft_entrypoint.index('--port') + 1]}"]
+
+
+def run_probe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "splitspec_client.health", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_health_probe_reports_a_serving_server(target_related):
+    serving = run_probe(target_related.address)
+    assert serving.returncode == 0 and serving.stdout.strip() == f"{target_related.address}: SERVING"
+    assert run_probe(target_related.address, "--service", "splitspec.v1.TargetService").returncode == 0
+    unknown = run_probe(target_related.address, "--service", "no.such.Service")
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
+
+
+def test_health_probe_fails_when_nothing_listens():
+    # Port 1 on loopback: nothing listens there, so the connection is refused at once.
+    refused = run_probe("127.0.0.1:1", "--timeout", "5")
+    assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr
