@@ -180,3 +180,21 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(model_dirs, log_
     assert outcome["token_ids"] == reference(PROMPT, 300)  # the in-flight request finished, whole
     assert target.process.wait(60) == 0
     target.stop()
+
+
+def test_cli_connects_with_tls_and_token(secured, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    pki, _, target = secured
+    token_file = tmp_path / "token"
+    token_file.write_text("client-secret\n")
+    command = [sys.executable, "-m", "splitspec_client", "generate", PROMPT, "--max-new-tokens", "6", "--json",
+               "--target", f"localhost:{target.address.split(':')[1]}", "--tls-ca", pki["ca"][0]]
+    completed = subprocess.run([*command, "--token-file", str(token_file)], capture_output=True, text=True,
+                               timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert len(json.loads(completed.stdout)["token_ids"]) == 6
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr

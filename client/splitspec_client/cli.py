@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pathlib
 import sys
 from collections.abc import Sequence
 
@@ -47,7 +48,26 @@ def _connection_options(default_timeout: float | None) -> argparse.ArgumentParse
         metavar="SECONDS",
         help=f"deadline of each call (default: {default_timeout or 'none'})",
     )
+    connection.add_argument("--tls-ca", metavar="PEM", default=None,
+                            help="CA certificate of the server: connect with TLS (default: plaintext)")
+    connection.add_argument("--tls-cert", metavar="PEM", default=None,
+                            help="client certificate, for servers that require mutual TLS (with --tls-key)")
+    connection.add_argument("--tls-key", metavar="PEM", default=None, help="private key of --tls-cert")
+    connection.add_argument("--token-file", metavar="FILE", default=os.environ.get("SPLITSPEC_TOKEN_FILE"),
+                            help="file holding the bearer token the server requires "
+                                 "(default: $SPLITSPEC_TOKEN_FILE)")
     return connection
+
+
+def _connect(args: argparse.Namespace) -> Client:
+    credentials = None
+    if args.tls_ca:
+        read = lambda path: pathlib.Path(path).read_bytes() if path else None  # noqa: E731
+        credentials = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
+    metadata = ()
+    if args.token_file:
+        metadata = (("authorization", f"Bearer {pathlib.Path(args.token_file).read_text().strip()}"),)
+    return Client(args.target, timeout=args.timeout, credentials=credentials, metadata=metadata)
 
 
 def _add_generation_params(parser: argparse.ArgumentParser) -> list[str]:
@@ -173,7 +193,7 @@ def _positive(kind):
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with _connect(args) as client:
             return args.run(client, args)
     except SplitspecError as err:
         print(f"error: {err}", file=sys.stderr)
