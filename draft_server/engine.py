@@ -5,10 +5,12 @@ of their threads beats several passes fighting over them.
 """
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import secrets
 import time
 
 import torch
@@ -33,35 +35,59 @@ class DraftLimits:
 
 
 class DraftSession:
-    """The draft's view of one sequence. Not thread-safe: the engine runs its steps one at a time."""
+    """The draft's view of one sequence. Not thread-safe: the engine runs its steps one at a time.
+
+    Blocks sent and not yet answered are `open_blocks`: the oldest awaits its verdict; with draft-ahead a second one
+    rests on the guess that the first is fully accepted and followed by `ahead_guess`.
+    """
 
     def __init__(self, session_id: int, start: SessionStart, sequence: SequenceKV, limits: DraftLimits,
                  device: torch.device):
         self.session_id = session_id
         self.request_id = start.request_id
         self.sampling: SamplingParams = start.sampling
+        self.draft_ahead = start.draft_ahead
         self.sequence = sequence
         self.limits = limits
         # On the model's device: splitspec.LLM runs an in-process draft on the target's device, a GPU included.
-        self.generator = make_generator(start.sampling.seed, device)
+        self.generator = make_generator(None, device)
+        # Each position's draft token gets its own random stream: a seeded request then gives the same output
+        # whether or not a block drafted ahead was cut short by a verdict, and no position's randomness is judged
+        # twice (a rejected position gets the target's token, later blocks start after it).
+        self.seed = start.sampling.seed if start.sampling.seed is not None else secrets.randbits(62)
         self.next_block_index = 0
-        self.open_block: CandidateBlock | None = None  # sent, awaiting its verdict
+        self.open_blocks: collections.deque[CandidateBlock] = collections.deque()
+        self.ahead_guess: int | None = None  # the token the block being drafted ahead assumes the target emits
+        self.abandon_ahead = False  # set by the event loop when a verdict makes the block drafted ahead useless
 
-    def draft_block(self, runner: CausalLMRunner, num_tokens: int) -> CandidateBlock:
-        """Extend the sequence by `num_tokens` draft tokens; the last one is not fed yet (its KV is not needed)."""
+    def _next_token(self, runner: CausalLMRunner, draft_probs: list[SparseDistribution] | None) -> int | None:
+        """Feed the uncached tokens and choose the next one (greedy guess when `draft_probs` is None)."""
+        logits = runner.forward(self.sequence, self.sequence.uncached_token_ids(), logits_to_keep=1)[0]  # [vocab]
+        if self.sampling.greedy or draft_probs is None:
+            return int(torch.argmax(logits))
+        ids, probs = sparse_distribution(logits_to_probs(logits, self.sampling), self.limits.max_draft_support)
+        self.generator.manual_seed(hash((self.seed, len(self.sequence.token_ids))) & (2**63 - 1))
+        # Sample from exactly the compressed q that goes on the wire, so the target's test stays exact.
+        draft_probs.append(SparseDistribution(token_ids=ids, probs=probs))
+        return sample_sparse(ids, probs, self.generator)
+
+    def draft_block(self, runner: CausalLMRunner, num_tokens: int, ahead: bool = False) -> CandidateBlock | None:
+        """Extend the sequence by `num_tokens` draft tokens; the last one is not fed yet (its KV is not needed).
+
+        `ahead`: first guess the target's next token (the draft's argmax after the open block), then draft after
+        it. Returns None when abandoned midway (the verdict came and ruled the guess out).
+        """
         started = time.perf_counter_ns()
+        if ahead:
+            self.ahead_guess = self._next_token(runner, None)
+            self.sequence.token_ids.append(self.ahead_guess)
         start_position = len(self.sequence.token_ids)
         token_ids: list[int] = []
         draft_probs: list[SparseDistribution] = []
         for _ in range(num_tokens):
-            logits = runner.forward(self.sequence, self.sequence.uncached_token_ids(), logits_to_keep=1)[0]  # [vocab]
-            if self.sampling.greedy:
-                token_id = int(torch.argmax(logits))
-            else:
-                ids, probs = sparse_distribution(logits_to_probs(logits, self.sampling), self.limits.max_draft_support)
-                # Sample from exactly the compressed q that goes on the wire, so the target's test stays exact.
-                token_id = sample_sparse(ids, probs, self.generator)
-                draft_probs.append(SparseDistribution(token_ids=ids, probs=probs))
+            if ahead and self.abandon_ahead:
+                return None
+            token_id = self._next_token(runner, draft_probs)
             token_ids.append(token_id)
             self.sequence.token_ids.append(token_id)
         block = CandidateBlock(
@@ -70,14 +96,24 @@ class DraftSession:
             token_ids=token_ids,
             draft_probs=draft_probs,
             draft_ns=time.perf_counter_ns() - started,
+            preceding_token_id=self.sequence.token_ids[start_position - 1],
+            drafted_ahead=ahead,
         )
         self.next_block_index += 1
-        self.open_block = block
+        self.open_blocks.append(block)
         return block
 
-    def apply_verdict(self, verdict: Verdict, vocab_size: int) -> None:
-        """Keep the accepted draft tokens, append the target's token, crop the KV cache to `rollback_to`."""
-        block = self.open_block
+    def keeps_ahead_block(self, verdict: Verdict) -> bool:
+        """Whether `verdict` confirms the guess the block drafted ahead rests on."""
+        return (bool(self.open_blocks) and verdict.accepted_len == len(self.open_blocks[0].token_ids)
+                and verdict.next_token_id == self.ahead_guess)
+
+    def apply_verdict(self, verdict: Verdict, vocab_size: int) -> bool:
+        """Keep the accepted draft tokens and the target's token; crop the KV cache to `rollback_to`.
+
+        Returns True when a block drafted ahead stands (the sequence already continues with it).
+        """
+        block = self.open_blocks[0] if self.open_blocks else None
         if block is None or verdict.block_index != block.block_index:
             expected = "none (no block is open)" if block is None else str(block.block_index)
             raise FailedPrecondition(f"verdict for block {verdict.block_index}, but the open block is {expected}")
@@ -93,10 +129,17 @@ class DraftSession:
             )
         if not 0 <= verdict.next_token_id < vocab_size:
             raise InvalidArgument("verdict.next_token_id", f"must be in [0, {vocab_size}), got {verdict.next_token_id}")
-        self.sequence.truncate(verdict.rollback_to)
-        self.sequence.token_ids.append(verdict.next_token_id)
-        self.open_block = None
+        ahead_stands = len(self.open_blocks) > 1 and self.keeps_ahead_block(verdict)
+        self.open_blocks.popleft()
+        if not ahead_stands:
+            # Whatever was drafted past the verdict (a rejected tail, a block drafted ahead) is stale.
+            self.open_blocks.clear()
+            self.sequence.truncate(verdict.rollback_to)
+            self.sequence.token_ids.append(verdict.next_token_id)
+        self.ahead_guess = None
+        self.abandon_ahead = False
         self.check_block_size("verdict.num_speculative_tokens", verdict.num_speculative_tokens, allow_zero=True)
+        return ahead_stands
 
     def check_block_size(self, field: str, num_tokens: int, allow_zero: bool) -> None:
         low = 0 if allow_zero else 1
@@ -159,15 +202,21 @@ class DraftEngine:
         return session, self._drafted(await self._run(session.draft_block, self.runner, start.num_speculative_tokens))
 
     async def step(self, session: DraftSession, verdict: Verdict) -> CandidateBlock | None:
-        """Apply a verdict; draft the next block when the verdict asks for one."""
+        """Apply a verdict; draft the next block when the verdict asks for one and no block drafted ahead stands."""
 
         def apply_and_draft():
-            session.apply_verdict(verdict, self.vocabulary.vocab_size)
-            if verdict.num_speculative_tokens == 0:
+            ahead_stands = session.apply_verdict(verdict, self.vocabulary.vocab_size)
+            if verdict.num_speculative_tokens == 0 or ahead_stands:
                 return None
             return session.draft_block(self.runner, verdict.num_speculative_tokens)
 
         return self._drafted(await self._run(apply_and_draft))
+
+    async def draft_ahead(self, session: DraftSession, num_tokens: int) -> CandidateBlock | None:
+        """Draft the block after the newest open one, on the guess that it is fully accepted (None if abandoned)."""
+        if len(session.sequence.token_ids) + num_tokens + 1 > self.limits.max_context_tokens:
+            return None
+        return self._drafted(await self._run(session.draft_block, self.runner, num_tokens, True))
 
     def close_session(self, session: DraftSession) -> None:
         if self.sessions.pop(session.session_id, None) is not None:

@@ -1,5 +1,6 @@
 """DraftService: message -> domain object -> engine call -> message."""
 
+import asyncio
 import dataclasses
 
 from splitspec_client.v1 import draft_pb2, draft_pb2_grpc
@@ -38,23 +39,53 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
 
     async def Speculate(self, request_iterator, context):
         session = None
+        next_request = asyncio.ensure_future(anext(request_iterator, None))
+        ahead: asyncio.Future | None = None  # the block being drafted ahead of the next verdict
         try:
-            async for request in request_iterator:
+            while True:
+                waiting = {next_request} if ahead is None else {next_request, ahead}
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if ahead in done:
+                    # Sent as soon as it is ready: the target may verify it without waiting for a round trip.
+                    block, ahead = ahead.result(), None
+                    if block is not None:
+                        yield draft_pb2.SpeculateResponse(block=wire.block_to_pb(block))
+                if next_request not in done:
+                    continue
+                request = next_request.result()
+                if request is None:
+                    return
+                next_request = asyncio.ensure_future(anext(request_iterator, None))
                 kind = request.WhichOneof("kind")
                 if kind == "start":
                     if session is not None:
                         raise FailedPrecondition("duplicate start: this stream already has a session")
-                    session, block = await self.engine.start_session(wire.session_start_from_pb(request.start))
+                    start = wire.session_start_from_pb(request.start)
+                    session, block = await self.engine.start_session(start)
                     yield draft_pb2.SpeculateResponse(block=wire.block_to_pb(block))
+                    num_tokens = start.num_speculative_tokens
                 elif kind == "verdict":
                     if session is None:
                         raise FailedPrecondition("verdict before start: send a SessionStart first")
-                    block = await self.engine.step(session, wire.verdict_from_pb(request.verdict))
+                    verdict = wire.verdict_from_pb(request.verdict)
+                    if ahead is not None:
+                        if not session.keeps_ahead_block(verdict):
+                            session.abandon_ahead = True
+                        block, ahead = await ahead, None
+                        if block is not None and session.keeps_ahead_block(verdict):
+                            yield draft_pb2.SpeculateResponse(block=wire.block_to_pb(block))
+                    block = await self.engine.step(session, verdict)
                     if block is not None:
                         yield draft_pb2.SpeculateResponse(block=wire.block_to_pb(block))
+                    num_tokens = verdict.num_speculative_tokens
                 else:
                     raise InvalidArgument("kind", "a SpeculateRequest must carry start or verdict")
+                if session.draft_ahead and num_tokens > 0:
+                    ahead = asyncio.ensure_future(self.engine.draft_ahead(session, num_tokens))
         finally:
+            next_request.cancel()
+            if ahead is not None:
+                ahead.cancel()
             if session is not None:
                 self.engine.close_session(session)
 

@@ -1,7 +1,8 @@
 """Domain types of the draft protocol (DraftService.Speculate), shared by both halves.
 
 A session: the target sends a SessionStart, the draft answers with CandidateBlock 0; the target answers each block
-with a Verdict that may ask for the next block. See docs/architecture.md for the state machine.
+it uses with a Verdict that may ask for the next block. With draft_ahead the draft also sends blocks drafted on a
+guess, which the target uses or discards. See docs/architecture.md for the state machine.
 """
 
 import dataclasses
@@ -19,6 +20,7 @@ class SessionStart:
     num_speculative_tokens: int
     target_vocabulary: Vocabulary
     request_id: str
+    draft_ahead: bool = False  # keep drafting the next block while the target verifies this one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,13 @@ class CandidateBlock:
     token_ids: list[int]
     draft_probs: list[SparseDistribution]  # one per draft token when sampling, empty when greedy
     draft_ns: int
+    preceding_token_id: int  # the draft's token at start_position - 1 (its guess, for a block drafted ahead)
+    drafted_ahead: bool = False
+
+    def truncated(self, num_tokens: int) -> "CandidateBlock":
+        """The block's first `num_tokens` draft tokens: a prefix of draft tokens is itself a valid block."""
+        return dataclasses.replace(self, token_ids=self.token_ids[:num_tokens],
+                                   draft_probs=self.draft_probs[:num_tokens])
 
 
 @dataclasses.dataclass(frozen=True)

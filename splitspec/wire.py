@@ -56,6 +56,7 @@ def session_start_from_pb(message: draft_pb2.SessionStart) -> SessionStart:
         num_speculative_tokens=message.num_speculative_tokens,
         target_vocabulary=vocabulary_from_pb(message.target_vocabulary),
         request_id=message.request_id,
+        draft_ahead=message.draft_ahead,
     )
 
 
@@ -66,6 +67,7 @@ def session_start_to_pb(start: SessionStart) -> draft_pb2.SessionStart:
         num_speculative_tokens=start.num_speculative_tokens,
         target_vocabulary=vocabulary_to_pb(start.target_vocabulary),
         request_id=start.request_id,
+        draft_ahead=start.draft_ahead,
     )
 
 
@@ -93,6 +95,8 @@ def block_to_pb(block: CandidateBlock) -> draft_pb2.CandidateBlock:
             for q in block.draft_probs
         ],
         draft_ns=block.draft_ns,
+        preceding_token_id=block.preceding_token_id,
+        drafted_ahead=block.drafted_ahead,
     )
 
 
@@ -110,4 +114,6 @@ def block_from_pb(message: draft_pb2.CandidateBlock) -> CandidateBlock:
             for q in message.draft_probs
         ],
         draft_ns=message.draft_ns,
+        preceding_token_id=message.preceding_token_id,
+        drafted_ahead=message.drafted_ahead,
     )

@@ -35,6 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Draft tokens per verification round, when a request does not say.")
     parser.add_argument("--max-num-speculative-tokens", type=int, default=16,
                         help="Largest num_speculative_tokens a request may ask for.")
+    parser.add_argument("--draft-ahead", action=argparse.BooleanOptionalAction, default=True,
+                        help="Let draft servers draft the next block while the target verifies the current one, on "
+                             "the guess that it is fully accepted; used without a round trip when the guess holds.")
+    parser.add_argument("--adaptive-num-speculative-tokens", action=argparse.BooleanOptionalAction, default=False,
+                        help="Adapt each session's block size to its acceptance (+2 after a fully accepted block, "
+                             "-1 otherwise), up to the request's num_speculative_tokens.")
+    parser.add_argument("--speculation-backoff-running", type=int, default=0,
+                        help="Back off under load: half-size blocks above half this many running requests, no "
+                             "speculation above it. 0: never back off.")
     parser.add_argument("--draft-timeout", type=float, default=10.0,
                         help="Seconds to wait for a draft block before the session falls back to target-only.")
     parser.add_argument("--draft-probe-interval", type=float, default=2.0,
@@ -115,7 +124,9 @@ async def _serve(args, device, dtype) -> int:
     engine = TargetEngine(CausalLMRunner(model), tokenizer, vocabulary, pool, args.draft_timeout,
                           max_draft_reopens=args.max_draft_reopens,
                           admission=Admission(args.max_concurrent_requests, args.max_waiting_requests),
-                          metrics=TargetMetrics(registry))
+                          metrics=TargetMetrics(registry), draft_ahead=args.draft_ahead,
+                          adaptive_block_size=args.adaptive_num_speculative_tokens,
+                          speculation_backoff_running=args.speculation_backoff_running)
     engine.metrics.num_requests_running.set_function(lambda: engine.admission.running)
     engine.metrics.num_requests_waiting.set_function(lambda: engine.admission.waiting)
     limits = Limits(

@@ -49,9 +49,6 @@ class DraftLink:
         self.endpoint = endpoint
         self._call = call
         self._closed = False
-        # The block the draft owes us next: its index and how many draft tokens were asked for.
-        self.next_block_index = 0
-        self.requested_tokens = 0
 
     @property
     def address(self) -> str:
@@ -70,11 +67,9 @@ class DraftLink:
 
     async def send_start(self, start: SessionStart) -> None:
         await self._write(draft_pb2.SpeculateRequest(start=wire.session_start_to_pb(start)))
-        self.next_block_index, self.requested_tokens = 0, start.num_speculative_tokens
 
     async def send_verdict(self, verdict: Verdict) -> None:
         await self._write(draft_pb2.SpeculateRequest(verdict=wire.verdict_to_pb(verdict)))
-        self.next_block_index, self.requested_tokens = verdict.block_index + 1, verdict.num_speculative_tokens
 
     async def _write(self, request: draft_pb2.SpeculateRequest) -> None:
         try:

@@ -24,7 +24,7 @@ from target_server.admission import Admission
 from target_server.detokenizer import IncrementalDetokenizer
 from target_server.draft_pool import DraftPool
 from target_server.request import GenerationRequest
-from target_server.speculation import Speculation
+from target_server.speculation import BlockSizer, Speculation, load_cap
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ class GenerationStats:
     verify_ns: int = 0
     draft_server: str = ""
     fallback_reason: str = ""
+    num_drafts_ahead: int = 0
+    num_stale_drafts: int = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -102,7 +104,8 @@ def verify_block(runner: CausalLMRunner, sequence: SequenceKV, block: CandidateB
 class TargetEngine:
     def __init__(self, runner: CausalLMRunner, tokenizer, vocabulary: Vocabulary, pool: DraftPool,
                  draft_timeout_s: float, max_draft_reopens: int = 2, admission: Admission | None = None,
-                 metrics: TargetMetrics | None = None):
+                 metrics: TargetMetrics | None = None, draft_ahead: bool = True, adaptive_block_size: bool = False,
+                 speculation_backoff_running: int = 0):
         self.runner = runner
         self.tokenizer = tokenizer
         self.vocabulary = vocabulary
@@ -111,6 +114,9 @@ class TargetEngine:
         self.max_draft_reopens = max_draft_reopens
         self.admission = admission or Admission(max_running=1024, max_waiting=0)
         self.metrics = metrics or TargetMetrics(CollectorRegistry())
+        self.draft_ahead = draft_ahead
+        self.adaptive_block_size = adaptive_block_size
+        self.speculation_backoff_running = speculation_backoff_running
         self.live_sessions = 0
         # One model worker: requests interleave forward passes on it (batching them is a later step).
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-model")
@@ -130,24 +136,29 @@ class TargetEngine:
         generator = make_generator(request.sampling.seed, self.runner.device)
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.stop)
         eos_token_ids = set() if request.ignore_eos else set(self.vocabulary.eos_token_ids)
-        speculation = Speculation(self.pool, request, self.vocabulary, self.draft_timeout_s, self.max_draft_reopens)
+        speculation = Speculation(self.pool, request, self.vocabulary, self.draft_timeout_s, self.max_draft_reopens,
+                                  self.draft_ahead)
+        sizer = BlockSizer(request.num_speculative_tokens, self.adaptive_block_size)
         generated: list[int] = []
         self.live_sessions += 1
         try:
-            await speculation.open(sequence.token_ids, self._next_block_size(request, 0))
+            await speculation.open(sequence.token_ids, self._next_block_size(request, sizer, 0))
             # The target caches the prompt while the draft drafts its first block.
             await self._run(self.runner.prefill, sequence, len(sequence.token_ids) - 1)
             finish_reason = None
             last_update = arrived
             while finish_reason is None:
                 waited_from = time.perf_counter_ns()
-                block = await speculation.next_block(sequence.token_ids, self._next_block_size(request, len(generated)))
+                block = await speculation.next_block(sequence.token_ids,
+                                                     self._next_block_size(request, sizer, len(generated)))
                 stats.draft_wait_ns += time.perf_counter_ns() - waited_from
                 verification, verify_ns = await self._run(verify_block, self.runner, sequence, block, request.sampling,
                                                           generator)
                 stats.rounds += 1
                 stats.verify_ns += verify_ns
                 if block is not None:
+                    sizer.record(len(block.token_ids), verification.accepted_len)
+                    stats.num_drafts_ahead += block.drafted_ahead
                     stats.record_block(len(block.token_ids), verification.accepted_len)
                     self.metrics.record_block(len(block.token_ids), verification.accepted_len)
                 new_token_ids = (block.token_ids if block else [])[: verification.accepted_len]
@@ -177,19 +188,21 @@ class TargetEngine:
                     stats.generated_tokens = len(generated)
                     stats.total_time_ns = time.perf_counter_ns() - arrived
                     stats.draft_server, stats.fallback_reason = speculation.draft_server, speculation.fallback_reason
+                    stats.num_stale_drafts = speculation.stale_blocks
                     self.metrics.record_finish(stats)
                     yield GenerationUpdate(emitted, detokenizer.take_delta(final=True), finish_reason, stats)
                     return
                 yield GenerationUpdate(emitted, detokenizer.take_delta(final=False))
                 if block is not None:
-                    await speculation.send_verdict(block, verification, self._next_block_size(request, len(generated)))
+                    await speculation.send_verdict(block, verification,
+                                                   self._next_block_size(request, sizer, len(generated)))
         finally:
             self.live_sessions -= 1
             await speculation.close(cancel=True)
 
-    def _next_block_size(self, request: GenerationRequest, generated: int) -> int:
-        # A round yields at most k + 1 tokens: never draft past max_new_tokens.
-        return max(0, min(request.num_speculative_tokens, request.max_new_tokens - generated - 1))
+    def _next_block_size(self, request: GenerationRequest, sizer: BlockSizer, generated: int) -> int:
+        cap = load_cap(request.num_speculative_tokens, self.admission.running, self.speculation_backoff_running)
+        return sizer.next_size(request.max_new_tokens - generated, cap)
 
     def shutdown(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)

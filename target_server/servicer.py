@@ -30,6 +30,8 @@ def stats_to_pb(stats: GenerationStats) -> target_pb2.GenerationStats:
         verify_ns=stats.verify_ns,
         draft_server=stats.draft_server,
         fallback_reason=stats.fallback_reason,
+        num_drafts_ahead=stats.num_drafts_ahead,
+        num_stale_drafts=stats.num_stale_drafts,
     )
 
 

@@ -37,6 +37,8 @@ STATS_FIELDS = dict(
     verify_ns=900_000_000,
     draft_server="127.0.0.1:50052",
     fallback_reason="",
+    num_drafts_ahead=1,
+    num_stale_drafts=0,
 )
 STATS = target_pb2.GenerationStats(**STATS_FIELDS)
 GENERATE_RESPONSE = target_pb2.GenerateResponse(
@@ -234,7 +236,7 @@ def test_leaving_the_stream_cancels_the_server_call(fake, client):
     for chunk in client.stream("Once upon a time"):
         assert chunk == StreamChunk(text=" Paris", token_ids=(3681,), finish_reason=None, stats=None)
         break
-    assert fake.stream_cancelled.wait(1.0)
+    assert fake.stream_cancelled.wait(3.0)
 
 
 def test_stream_raises_typed_error(fake, client):
@@ -312,7 +314,7 @@ def test_async_leaving_the_stream_cancels_the_server_call(fake, address):
             async for _ in client.stream("x"):
                 break
             # Checked before the channel closes, which would cancel the call anyway.
-            return await asyncio.to_thread(fake.stream_cancelled.wait, 1.0)
+            return await asyncio.to_thread(fake.stream_cancelled.wait, 3.0)
 
     assert asyncio.run(scenario())
 

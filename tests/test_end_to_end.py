@@ -42,6 +42,8 @@ def test_greedy_equals_target_with_self_draft(target_self, reference, prompt, k)
     assert stats.rounds == -(-64 // (k + 1))
     assert stats.mean_accepted_length == pytest.approx(1 + stats.num_accepted_tokens / stats.num_drafts)
     assert stats.num_accepted_tokens_per_pos[0] == stats.num_drafts
+    # Every guess of a self-draft is right: all blocks after the first were drafted ahead, none went stale.
+    assert stats.num_drafts_ahead == stats.num_drafts - 1 and stats.num_stale_drafts == 0
 
 
 def test_eos_stops_generation_like_generate(target_unrelated, reference):

@@ -59,3 +59,47 @@ def test_caches_match_rollback_to_after_every_verdict(model_dirs, draft_name, sa
         assert min(accepted_lens) < k  # rejections happened and were rolled back
     engine.close_session(session)
     assert engine.live_sessions == 0
+
+
+@pytest.mark.parametrize("draft_name,sampling", [
+    ("target", SamplingParams()),
+    ("related_draft", SamplingParams()),
+    ("related_draft", SamplingParams(temperature=1.0, top_k=20, seed=3)),
+])
+def test_draft_ahead_keeps_both_halves_in_step(model_dirs, draft_name, sampling):
+    """The draft drafts each next block before the verdict; a block drafted ahead is used exactly when the verdict
+    confirms its guess, and otherwise the draft rolls back as without draft-ahead."""
+    k = 3
+    target = CausalLMRunner(_load(model_dirs["target"]))
+    draft_model = _load(model_dirs[draft_name])
+    vocabulary = models.vocabulary_of(draft_model, None)
+    engine = DraftEngine(CausalLMRunner(draft_model), vocabulary,
+                         DraftLimits(max_num_speculative_tokens=8, max_context_tokens=512, max_draft_support=64,
+                                     max_sessions=4))
+    prompt = [1, 17, 99, 230, 41]
+    session, block = asyncio.run(engine.start_session(SessionStart(prompt, sampling, k, vocabulary, "ahead", True)))
+    sequence = target.new_sequence(prompt)
+    target.prefill(sequence, len(prompt) - 1)
+    generator = make_generator(sampling.seed)
+    used_ahead = 0
+    for _ in range(12):
+        ahead = session.draft_block(engine.runner, k, ahead=True)
+        assert ahead.start_position == block.start_position + k + 1 and ahead.drafted_ahead
+        verification, _ = verify_block(target, sequence, block, sampling, generator)
+        rollback_to = block.start_position + verification.accepted_len
+        verdict = Verdict(block.block_index, verification.accepted_len, verification.next_token_id, rollback_to, k)
+        guess_right = verification.accepted_len == k and verification.next_token_id == ahead.preceding_token_id
+        assert session.apply_verdict(verdict, vocabulary.vocab_size) == guess_right
+        if guess_right:
+            used_ahead += 1
+            # The draft's sequence already continues with the block drafted ahead, which the target uses next.
+            assert session.sequence.token_ids == sequence.token_ids + ahead.token_ids
+            block = ahead
+        else:
+            assert session.sequence.token_ids == sequence.token_ids
+            assert session.sequence.cached_len <= rollback_to
+            block = session.draft_block(engine.runner, k)
+        assert (block.start_position, block.preceding_token_id) == (len(sequence.token_ids), sequence.token_ids[-1])
+        assert sequence.cached_len == len(sequence.token_ids) - 1
+    # The self-draft covers the guess-right branch, the related draft the rollback branch.
+    assert used_ahead == 12 if draft_name == "target" else used_ahead < 12

@@ -57,6 +57,8 @@ class GenerationStats:
     verify_ns: int
     draft_server: str
     fallback_reason: str
+    num_drafts_ahead: int
+    num_stale_drafts: int
 
     @property
     def time_to_first_token_s(self) -> float:
