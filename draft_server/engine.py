@@ -58,6 +58,9 @@ class DraftSession:
         self.next_block_index = 0
         self.open_blocks: collections.deque[CandidateBlock] = collections.deque()
         self.ahead_guess: int | None = None  # the token the block being drafted ahead assumes the target emits
+        # Drafting ahead pays when the open block is likely fully accepted; after a rejection it mostly wastes the
+        # draft's time (and, where draft and target share cores, the target's), so it waits for a full acceptance.
+        self.last_block_fully_accepted = True
         self.abandon_ahead = False  # set by the event loop when a verdict makes the block drafted ahead useless
 
     def _next_token(self, runner: CausalLMRunner, draft_probs: list[SparseDistribution] | None) -> int | None:
@@ -130,6 +133,7 @@ class DraftSession:
         if not 0 <= verdict.next_token_id < vocab_size:
             raise InvalidArgument("verdict.next_token_id", f"must be in [0, {vocab_size}), got {verdict.next_token_id}")
         ahead_stands = len(self.open_blocks) > 1 and self.keeps_ahead_block(verdict)
+        self.last_block_fully_accepted = verdict.accepted_len == len(block.token_ids)
         self.open_blocks.popleft()
         if not ahead_stands:
             # Whatever was drafted past the verdict (a rejected tail, a block drafted ahead) is stale.
@@ -214,6 +218,8 @@ class DraftEngine:
 
     async def draft_ahead(self, session: DraftSession, num_tokens: int) -> CandidateBlock | None:
         """Draft the block after the newest open one, on the guess that it is fully accepted (None if abandoned)."""
+        if not session.last_block_fully_accepted:
+            return None
         if len(session.sequence.token_ids) + num_tokens + 1 > self.limits.max_context_tokens:
             return None
         return self._drafted(await self._run(session.draft_block, self.runner, num_tokens, True))
