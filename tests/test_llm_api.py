@@ -1,0 +1,220 @@
+"""The offline API: the seed's vLLM snippets, with tiny local models in place of hub ids, give the target's output;
+no draft worker outlives its LLM."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from splitspec import LLM, SamplingParams
+
+PROMPTS = [
+    "The quick brown fox",
+    "def wrap(text, width=70):",
+    "Beautiful is better than ugly.",
+]
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The target runs in this process: on two cores, a second intra-op thread fighting the draft costs seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def is_running(pid: int) -> bool:
+    """False once the process is gone or a zombie (an orphan's zombie waits for a reaper we do not control)."""
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def wait_gone(pid: int, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while is_running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not is_running(pid)
+
+
+@pytest.fixture(scope="module")
+def cpu_only_llm(model_dirs):
+    # The seed's first snippet: LLM(model=...) alone, on a machine without a GPU.
+    with LLM(model=model_dirs["target"]) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def worker_llm(model_dirs):
+    # The seed's second snippet: the draft in a pinned child process, vLLM-only arguments ignored with a warning.
+    with pytest.warns(UserWarning, match="use_v2_block_manager"):
+        llm = LLM(model=model_dirs["target"], speculative_model=model_dirs["related_draft"],
+                  num_speculative_tokens=2, use_v2_block_manager=True, cpu_draft_worker=True)
+    pid = llm.draft_worker_pid
+    assert is_running(pid)
+    # Leaving the with block by an exception, as a Ctrl-C would, stops the worker and reaps it.
+    with pytest.raises(KeyboardInterrupt):
+        with llm:
+            yield llm
+            raise KeyboardInterrupt
+    assert not is_running(pid)
+
+
+def test_cpu_only_llm_gives_the_targets_greedy_output(cpu_only_llm, reference):
+    assert (cpu_only_llm.device.type, cpu_only_llm.dtype) == ("cpu", torch.float32)
+    [output] = cpu_only_llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))
+    completion = output.outputs[0]
+    assert completion.token_ids == reference(PROMPTS[0], 48)
+    assert completion.text == reference.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+    assert (completion.finish_reason, completion.stop_reason, output.finished) == ("length", None, True)
+    assert output.prompt == PROMPTS[0] and output.prompt_token_ids == reference.tokenizer.encode(PROMPTS[0])
+    assert output.metrics.num_drafts == 0 and output.metrics.fallback_reason == ""
+
+
+def test_eos_ends_the_output_like_generate_and_reads_stop(cpu_only_llm, reference):
+    outputs = cpu_only_llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=64))
+    for prompt, output in zip(PROMPTS, outputs):
+        expected = reference(prompt, 64, ignore_eos=False)
+        assert output.outputs[0].token_ids == expected
+        assert output.outputs[0].finish_reason == ("stop" if expected[-1] == 2 else "length")
+
+
+def test_stop_string_cuts_the_text_and_is_the_stop_reason(cpu_only_llm):
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    full = cpu_only_llm.generate(PROMPTS[2], params)[0].outputs[0].text
+    stop = next(full[i : i + 3] for i in range(5, len(full)) if full[i : i + 3].strip())
+    cut = cpu_only_llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True,
+                                                           stop=["never in this text", stop]))[0].outputs[0]
+    assert (cut.text, cut.finish_reason, cut.stop_reason) == (full[: full.index(stop)], "stop", stop)
+    kept = cpu_only_llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, stop=stop,
+                                                            include_stop_str_in_output=True))[0].outputs[0]
+    assert kept.text == full[: full.index(stop)] + stop
+
+
+def test_prompts_as_token_ids_and_dicts(cpu_only_llm, reference):
+    ids = reference.tokenizer.encode(PROMPTS[1])
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    outputs = cpu_only_llm.generate([ids, {"prompt_token_ids": ids}, {"prompt": PROMPTS[1]}], params)
+    assert [o.outputs[0].token_ids for o in outputs] == [reference(PROMPTS[1], 16)] * 3
+    assert [o.prompt for o in outputs] == [None, None, PROMPTS[1]]
+    assert len({o.request_id for o in outputs}) == 3
+
+
+def test_cpu_draft_worker_batch_gives_the_targets_greedy_output(worker_llm, reference):
+    outputs = worker_llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))
+    assert [o.prompt for o in outputs] == PROMPTS
+    for prompt, output in zip(PROMPTS, outputs):
+        assert output.outputs[0].token_ids == reference(prompt, 48)
+        metrics = output.metrics
+        assert metrics.draft_server.startswith("unix://") and metrics.fallback_reason == ""
+        assert metrics.num_drafts > 0 and metrics.num_draft_tokens <= 2 * metrics.num_drafts
+        assert metrics.num_accepted_tokens + metrics.rounds == 48  # each round emits accepted + 1 tokens
+        assert metrics.first_token_time <= metrics.finished_time
+
+
+def test_sampling_with_a_seed_is_reproducible(worker_llm):
+    def sample(seed):
+        params = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, seed=seed, max_tokens=32, ignore_eos=True)
+        return [o.outputs[0].token_ids for o in worker_llm.generate(PROMPTS[:2], params)]
+
+    first = sample(7)
+    assert sample(7) == first
+    assert any(sample(seed) != first for seed in (8, 9))
+
+
+def test_llm_seed_makes_unseeded_sampling_reproducible(model_dirs):
+    params = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)  # vLLM's default temperature, no seed
+    runs = []
+    for _ in range(2):
+        with LLM(model=model_dirs["target"], seed=3) as llm:
+            runs.append([o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)])
+    assert runs[0] == runs[1]
+
+
+def test_in_process_draft_gives_the_targets_greedy_output(model_dirs, reference):
+    with LLM(model=model_dirs["target"], speculative_model=model_dirs["target"], num_speculative_tokens=3) as llm:
+        assert llm.draft_worker_pid is None
+        outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    for prompt, output in zip(PROMPTS, outputs):
+        assert output.outputs[0].token_ids == reference(prompt, 32)
+        assert output.metrics.acceptance_rate == 1.0  # the target as its own draft
+        assert output.metrics.draft_server.startswith("unix://")
+    with pytest.raises(RuntimeError, match="closed"):
+        llm.generate(PROMPTS[0])
+
+
+def test_a_draft_with_another_vocabulary_is_refused(model_dirs):
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        LLM(model=model_dirs["target"], speculative_model=model_dirs["mismatched_draft"])
+
+
+KEEP_GENERATING = """
+import sys
+from splitspec import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], speculative_model=sys.argv[2], num_speculative_tokens=2, cpu_draft_worker=True,
+          draft_cpus="0")
+print(llm.draft_worker_pid, flush=True)
+while True:
+    llm.generate(["The quick brown fox"] * 2, SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_the_worker_does_not_outlive_an_interrupted_or_killed_process(model_dirs, tmp_path, sig):
+    """Ctrl-C: KeyboardInterrupt in generate(), then the exit handlers stop the worker. kill -9: no handler runs;
+    the worker sees its stdin close and shuts itself down."""
+    log = open(tmp_path / "script.log", "w")
+    script = subprocess.Popen([sys.executable, "-c", KEEP_GENERATING, model_dirs["target"], model_dirs["related_draft"]],
+                              stdout=subprocess.PIPE, stderr=log, cwd=REPO_ROOT, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        pid = int(script.stdout.readline() or 0)
+        assert pid, (tmp_path / "script.log").read_text()
+        time.sleep(1.0)  # inside generate()
+        assert is_running(pid)
+        script.send_signal(sig)
+        assert script.wait(30) != 0
+        assert wait_gone(pid), f"draft worker {pid} outlived its parent"
+    finally:
+        script.kill()
+        script.wait()
+        log.close()
+
+
+def test_a_misspelled_argument_is_a_type_error_naming_it():
+    with pytest.raises(TypeError, match=r"'speculative_modle'.*did you mean 'speculative_model'"):
+        LLM(model="unused", speculative_modle="unused")
+
+
+def test_vllm_only_arguments_are_ignored_with_a_warning(model_dirs):
+    with pytest.warns(UserWarning, match="enforce_eager, gpu_memory_utilization, tensor_parallel_size"):
+        llm = LLM(model=model_dirs["target"], gpu_memory_utilization=0.5, enforce_eager=True, tensor_parallel_size=1)
+    llm.close()
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    ({"n": 2}, "n must be 1"),
+    ({"presence_penalty": 0.5}, "presence_penalty=0.5 is not supported"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+])
+def test_sampling_params_refuse_what_splitspec_cannot_honour(kwargs, problem):
+    with pytest.raises(ValueError, match=problem):
+        SamplingParams(**kwargs)
+
+
+def test_generate_checks_its_arguments(cpu_only_llm):
+    with pytest.raises(ValueError, match="2 prompts but 1 sampling_params"):
+        cpu_only_llm.generate(PROMPTS[:2], [SamplingParams()])
+    with pytest.raises(ValueError, match="prompt 0: prompt.*leave no room"):
+        cpu_only_llm.generate([[5] * 600])
