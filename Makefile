@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml proto/splitspec/v1/*.pr
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet "grpcio-tools>=1.70,<2"
 	$(MAKE) proto
-	$(PIP) install --quiet -e ./client -e ".[dev]"
+	$(PIP) install --quiet -e ./client -e ".[dev,bench]"
 	touch $@
 
 proto:
@@ -26,6 +26,14 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# The demo pair is built on first use (~/.cache/splitspec/demo-models). DEMO_ARGS/BENCH_ARGS: e.g. BENCH_ARGS=--quick
+.PHONY: demo bench
+demo: install
+	$(PY) -m splitspec.demo $(DEMO_ARGS)
+
+bench: install
+	$(PY) -m splitspec.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf client/splitspec_client/v1 build dist *.egg-info client/*.egg-info .pytest_cache
