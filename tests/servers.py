@@ -1,5 +1,6 @@
 """Starting the real servers as OS processes on loopback, for integration tests."""
 
+import atexit
 import os
 import pathlib
 import re
@@ -13,6 +14,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+
+
+_LIVE: set["ServerProcess"] = set()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    """A test that failed between starting servers and stopping them must not leave them running."""
+    for server in list(_LIVE):
+        server.stop(timeout_s=5.0)
 
 
 class ServerProcess:
@@ -30,6 +41,7 @@ class ServerProcess:
             [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", "0", *args],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
         )
+        _LIVE.add(self)
         self.address = self._wait_listening(startup_timeout_s)
 
     def log(self) -> str:
@@ -61,6 +73,7 @@ class ServerProcess:
         return self.process.poll() is None
 
     def stop(self, timeout_s: float = 30.0) -> int:
+        _LIVE.discard(self)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
