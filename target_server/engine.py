@@ -144,7 +144,9 @@ class TargetEngine:
         try:
             await speculation.open(sequence.token_ids, self._next_block_size(request, sizer, 0))
             # The target caches the prompt while the draft drafts its first block.
+            prefill_from = time.perf_counter_ns()
             await self._run(self.runner.prefill, sequence, len(sequence.token_ids) - 1)
+            stats.verify_ns += time.perf_counter_ns() - prefill_from
             finish_reason = None
             last_update = arrived
             while finish_reason is None:
