@@ -202,7 +202,7 @@ class DraftEngine:
         session.check_block_size("start.num_speculative_tokens", start.num_speculative_tokens, allow_zero=False)
         self.sessions[session.session_id] = session
         log.info("session %d open (request %s, %d prompt tokens)", session.session_id, start.request_id,
-                 len(start.prompt_token_ids))
+                 len(start.prompt_token_ids), extra={"request_id": start.request_id})
         return session, self._drafted(await self._run(session.draft_block, self.runner, start.num_speculative_tokens))
 
     async def step(self, session: DraftSession, verdict: Verdict) -> CandidateBlock | None:
@@ -226,7 +226,8 @@ class DraftEngine:
 
     def close_session(self, session: DraftSession) -> None:
         if self.sessions.pop(session.session_id, None) is not None:
-            log.info("session %d closed after %d blocks", session.session_id, session.next_block_index)
+            log.info("session %d closed after %d blocks", session.session_id, session.next_block_index,
+                     extra={"request_id": session.request_id})
 
     def shutdown(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)

@@ -192,6 +192,11 @@ class TargetEngine:
                     stats.draft_server, stats.fallback_reason = speculation.draft_server, speculation.fallback_reason
                     stats.num_stale_drafts = speculation.stale_blocks
                     self.metrics.record_finish(stats)
+                    log.info("request %s finished (%s): %d prompt + %d tokens in %d rounds, acceptance %.2f, %.1f ms%s",
+                             request.request_id, finish_reason, stats.prompt_tokens, stats.generated_tokens,
+                             stats.rounds, stats.acceptance_rate, stats.total_time_ns / 1e6,
+                             f", fallback: {stats.fallback_reason}" if stats.fallback_reason else "",
+                             extra={"request_id": request.request_id})
                     yield GenerationUpdate(emitted, detokenizer.take_delta(final=True), finish_reason, stats)
                     return
                 yield GenerationUpdate(emitted, detokenizer.take_delta(final=False))

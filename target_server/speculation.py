@@ -78,7 +78,8 @@ class Speculation:
         self.fallback_reason = reason
 
     async def _failed(self, reason: str) -> None:
-        log.warning("request %s: draft failure: %s", self.request.request_id, reason)
+        log.warning("request %s: draft failure: %s", self.request.request_id, reason,
+                    extra={"request_id": self.request.request_id})
         self.fallback_reason = reason
         link, self.link = self.link, None
         self.pool.report_failure(link.endpoint, reason)

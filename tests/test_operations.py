@@ -198,3 +198,19 @@ def test_cli_connects_with_tls_and_token(secured, tmp_path):
     assert len(json.loads(completed.stdout)["token_ids"]) == 6
     refused = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+
+
+def test_json_logs_carry_the_request_id_on_both_halves(model_dirs, log_dir):
+    import json
+
+    draft = start_draft(model_dirs["related_draft"], log_dir, "json-draft", "--log-format", "json")
+    target = start_target(model_dirs["target"], log_dir, "json-target", [draft.address], "--log-format", "json")
+    try:
+        with Client(target.address, timeout=60) as client:
+            client.generate(PROMPT, max_new_tokens=8, request_id="req-1234")
+    finally:
+        assert target.stop() == 0
+        assert draft.stop() == 0
+    for server in (draft, target):
+        records = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+        assert any(r.get("request_id") == "req-1234" for r in records), server.module
