@@ -1,0 +1,183 @@
+"""`make bench`: splitspec against target-only decoding, Hugging Face assisted generation and the ideal, on the
+same prompts, over a sweep of acceptance rates (demo pairs, `splitspec.demo_models`) and draft lengths k.
+
+    python -m splitspec.bench             # the sweep (under 10 minutes on 2 cores)
+    python -m splitspec.bench --quick     # a smoke run on tiny models (CI)
+    python -m splitspec.bench --device cuda   # GPU timing with a 7B-shaped target (skipped without a GPU)
+
+Writes OUTPUT/bench.json and OUTPUT/bench.png, and prints a table. Read the speedups as ratios: the draft and the
+target share one small machine here, and the absolute times count only on a GPU.
+"""
+
+import argparse
+import datetime
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+import transformers
+from splitspec_client import Client
+
+from splitspec import demo_models, launch
+from splitspec.bench import report, runs
+from splitspec.topology import format_cpu_list
+
+PROMPTS = [
+    "def parse_args(argv):\n    \"\"\"Parse the command line",
+    "class Interpolation:\n    \"\"\"Dummy interpolation that passes the value through",
+    "The textwrap module provides some convenience functions,",
+    "import os\nimport sys\n\n\ndef main():\n",
+]
+DEFAULTS = dict(acceptances=[0.5, 0.7, 0.8, 0.9, 0.95], ks=[1, 2, 4, 8], prompts=3, max_new_tokens=96, shape="demo")
+QUICK = dict(acceptances=[0.6, 0.9], ks=[2], prompts=1, max_new_tokens=12, shape="tiny")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m splitspec.bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="Smoke run: tiny models, two alphas, k=2, few tokens.")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cpu: the sweep on this machine. cuda: a 7B-shaped target on the GPU, a 68M-shaped "
+                             "draft on the CPU, acceptance forced (see splitspec/bench/cuda.py).")
+    parser.add_argument("--acceptances", type=float, nargs="+", help="Alpha knobs of the demo pairs swept.")
+    parser.add_argument("--ks", type=int, nargs="+", help="Draft lengths k swept.")
+    parser.add_argument("--main-acceptance", type=float, default=None,
+                        help="Alpha knob whose per-round breakdown is plotted (default: 0.8 when swept).")
+    parser.add_argument("--prompts", type=int, help=f"How many of the {len(PROMPTS)} prompts to run.")
+    parser.add_argument("--max-new-tokens", type=int, help="Tokens generated per prompt.")
+    parser.add_argument("--no-hf", action="store_true", help="Skip Hugging Face assisted generation.")
+    parser.add_argument("--models-dir", type=pathlib.Path, default=None,
+                        help=f"Where demo pairs are cached. Default: {demo_models.default_cache_dir()}.")
+    parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("bench-results"),
+                        help="Directory for bench.json and bench.png.")
+    return parser
+
+
+class Progress:
+    def __init__(self):
+        self.started = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f}s] {message}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    transformers.logging.set_verbosity_error()  # assisted generation warns about its own generation_config
+    transformers.logging.disable_progress_bar()
+    if args.device == "cuda":
+        from splitspec.bench.cuda import run_cuda
+
+        return run_cuda(args)
+    config = dict(QUICK if args.quick else DEFAULTS)
+    for key in ("acceptances", "ks", "prompts", "max_new_tokens"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    config["main_acceptance"] = args.main_acceptance or (0.8 if 0.8 in config["acceptances"]
+                                                         else config["acceptances"][-1])
+    # Hugging Face assisted generation runs at one k (it takes as long as splitspec's runs): 4 when swept.
+    config["hf_k"] = 4 if 4 in config["ks"] else config["ks"][-1]
+    progress = Progress()
+    try:
+        results = sweep(config, args, progress)
+    except KeyboardInterrupt:
+        print("\nInterrupted; servers stopped.", file=sys.stderr)
+        return 130
+    json_path = args.output / "bench.json"
+    report.write_json(results, json_path)
+    print("\n" + report.table(results) + "\n")
+    png = report.plot(results, args.output / "bench.png")
+    print(f"wrote {json_path}" + (f" and {png}" if png else " (no plot: matplotlib is not installed)"))
+    progress("done")
+    return 0
+
+
+def sweep(config: dict, args, progress: Progress) -> dict:
+    pairs = {}
+    for acceptance in config["acceptances"]:
+        directory = args.models_dir / demo_models.pair_name(config["shape"], acceptance) if args.models_dir else None
+        pairs[acceptance] = demo_models.ensure_pair(acceptance, config["shape"], directory, log=progress)
+    first = pairs[config["acceptances"][0]]
+    tokenizer = demo_models.build_tokenizer(demo_models.SHAPES[config["shape"]].vocab_size,
+                                            demo_models.SHAPES[config["shape"]].text_modules)
+    prompts = [tokenizer.encode(text) for text in PROMPTS[: config["prompts"]]]
+    all_cpus = sorted(os.sched_getaffinity(0))
+    draft_cpus, target_cpus = launch.split_cpus(all_cpus)
+    # Every pair's draft is the same model (the first layer is never scaled): one draft server serves them all.
+    draft_model = runs.load_model(first.draft_dir)
+    results = {"config": config, "machine": machine(all_cpus, draft_cpus, target_cpus), "baselines": [], "runs": []}
+    log_dir = pathlib.Path(tempfile.mkdtemp(prefix="splitspec-bench-"))
+    draft = launch.start_draft(first.draft_dir, draft_cpus, log_dir)
+    try:
+        for acceptance, pair in pairs.items():
+            # The only compute the target's stats do not carry; measured again for each pair, as the machine's
+            # load drifts.
+            with runs.on_cpus(draft_cpus):
+                draft_step_ns = runs.measure_step_ns(draft_model, prompts[0])
+            progress(f"draft step {draft_step_ns / 1e6:.2f} ms on CPUs {format_cpu_list(draft_cpus)}")
+            measured = measure_pair(pair, draft.address, target_cpus, log_dir, prompts, config, progress)
+            hf = {} if args.no_hf else measure_hf(pair, target_cpus, prompts, config, progress)
+            baseline = measured.pop(0)
+            results["baselines"].append(report.baseline_row(acceptance, baseline, draft_step_ns))
+            for k, run in measured.items():
+                hf_target, hf_assisted = hf.get(0), hf.get(k)
+                results["runs"].append(report.speculative_row(acceptance, pair.measured_acceptance, k, run, baseline,
+                                                              draft_step_ns, hf_target, hf_assisted))
+                row = results["runs"][-1]
+                progress(f"  alpha {acceptance:.2f} k={k}: speedup {row['speedup']:.2f}x (ideal "
+                         f"{row['ideal_speedup']:.2f}x), measured alpha {row['alpha']:.2f}")
+    finally:
+        launch.stop_all([draft])
+    return results
+
+
+def measure_pair(pair, draft_address: str, target_cpus: list[int], log_dir: pathlib.Path, prompts, config,
+                 progress) -> dict:
+    """{k: Run} through the two servers, k = 0 (target-only) first."""
+    target = launch.start_target(pair.target_dir, draft_address, target_cpus, log_dir)
+    try:
+        measured = {}
+        with Client(target.address, timeout=600) as client:
+            for k in [0, *config["ks"]]:
+                runs.run_splitspec(client, prompts[:1], 4, k)  # warm-up: a fresh process's first passes are slow
+                measured[k] = runs.run_splitspec(client, prompts, config["max_new_tokens"], k)
+                progress(f"alpha {pair.acceptance:.2f} splitspec k={k}: {measured[k].tokens_per_s:.1f} tok/s")
+        return measured
+    finally:
+        launch.stop_all([target])
+
+
+def measure_hf(pair, cpus: list[int], prompts, config, progress) -> dict:
+    """{0: target alone, hf_k: assisted generation} in this process, on the target server's CPUs and threads: the
+    same budget for the target as splitspec's baseline."""
+    target, draft = runs.load_model(pair.target_dir), runs.load_model(pair.draft_dir)
+    measured = {}
+    with runs.on_cpus(cpus):
+        for k in (0, config["hf_k"]):
+            runs.run_hf(target, draft if k else None, prompts[:1], 4, k)
+            measured[k] = runs.run_hf(target, draft if k else None, prompts, config["max_new_tokens"], k)
+            progress(f"alpha {pair.acceptance:.2f} HF {'assisted k=' + str(k) if k else 'target-only'}: "
+                     f"{measured[k].tokens_per_s:.1f} tok/s")
+    return measured
+
+
+def machine(all_cpus, draft_cpus, target_cpus) -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": format_cpu_list(all_cpus),
+        "draft_cpus": format_cpu_list(draft_cpus),
+        "target_cpus": format_cpu_list(target_cpus),
+        "hf_cpus": format_cpu_list(target_cpus),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

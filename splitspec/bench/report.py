@@ -1,0 +1,181 @@
+"""From timed runs to the benchmark's rows, and the rows to a table, JSON and a plot.
+
+Units: c (one draft step) and v(k) (one verify forward over k+1 positions) are in target decoding steps.
+  ideal            - Leviathan et al.'s E(alpha, k) / (k*c + v(k)): draft, then verify, nothing else.
+  ideal overlapped - E(alpha, k) / max(v(k), k*c): drafting hidden behind verification, the bound that drafting
+                     ahead (the target's default) works towards.
+  overhead         - per round: the round's wall time (between two chunks of the client's stream) minus its
+                     verify compute minus the draft compute the target waited for (gRPC, both event loops,
+                     scheduling). The target's stats carry totals only, so a round's verify time is its request's
+                     mean, and its waited draft compute is the request's mean number of draft tokens per round
+                     outside blocks drafted ahead, times the draft step measured in this process.
+"""
+
+import json
+import pathlib
+
+import numpy as np
+
+from splitspec.bench.runs import Run
+from splitspec.speculative import expected_tokens_per_round, ideal_speedup
+
+
+def _ms(ns: float) -> float:
+    return round(ns / 1e6, 3)
+
+
+def round_breakdown(run: Run, draft_step_ns: float) -> dict:
+    """Where a round's time goes, in ms: means, and the overhead's p50/p95."""
+    wall = np.array(run.round_wall_ns, dtype=float)
+    draft = np.array(run.round_waited_draft_tokens, dtype=float) * draft_step_ns
+    verify = np.array(run.round_verify_ns, dtype=float)
+    overhead = wall - draft - verify
+    return {
+        "round_wall_ms": _ms(wall.mean()),
+        "draft_compute_ms": _ms(draft.mean()),
+        "verify_compute_ms": _ms(verify.mean()),
+        "draft_wait_ms": _ms(run.draft_wait_ns / run.rounds),
+        "overhead_ms": _ms(overhead.mean()),
+        "overhead_p50_ms": _ms(np.percentile(overhead, 50)),
+        "overhead_p95_ms": _ms(np.percentile(overhead, 95)),
+    }
+
+
+def speculative_row(acceptance: float, pair_alpha: float, k: int, run: Run, baseline: Run, draft_step_ns: float,
+                    hf_target: Run | None, hf_assisted: Run | None) -> dict:
+    target_step_ns = baseline.verify_ns / baseline.rounds
+    draft_step_cost = draft_step_ns / target_step_ns
+    verify_cost = run.verify_ns / run.rounds / target_step_ns
+    alpha = run.alpha
+    ideal = ideal_speedup(alpha, k, draft_step_cost, verify_cost)
+    ideal_overlapped = ideal_speedup(alpha, k, 0.0, max(verify_cost, k * draft_step_cost))
+    speedup = run.tokens_per_s / baseline.tokens_per_s
+    row = {
+        "acceptance_knob": acceptance,
+        "alpha_at_build": round(pair_alpha, 4),
+        "alpha": round(alpha, 4),
+        "k": k,
+        # vLLM's definitions: accepted / drafted, and 1 + accepted / drafts (the bonus or recovered token counts)
+        "acceptance_rate": round(run.num_accepted_tokens / max(1, run.num_draft_tokens), 4),
+        "mean_accepted_length": round(1 + run.num_accepted_tokens / max(1, run.num_drafts), 3),
+        "expected_tokens_per_round": round(expected_tokens_per_round(alpha, k), 3),
+        "draft_step_cost": round(draft_step_cost, 4),
+        "verify_cost": round(verify_cost, 3),
+        "tokens_per_s": round(run.tokens_per_s, 2),
+        "baseline_tokens_per_s": round(baseline.tokens_per_s, 2),
+        "speedup": round(speedup, 3),
+        "ideal_speedup": round(ideal, 3),
+        "ideal_speedup_overlapped": round(ideal_overlapped, 3),
+        "measured_over_ideal": round(speedup / ideal, 3),
+        "drafted_ahead": round(run.num_drafts_ahead / max(1, run.num_drafts), 3),  # share of blocks verified
+        "same_tokens_as_baseline": run.token_ids == baseline.token_ids,
+        "fallbacks": len(run.fallback_reasons),
+        **round_breakdown(run, draft_step_ns),
+    }
+    if hf_target is not None and hf_assisted is not None:
+        row["hf_assisted_tokens_per_s"] = round(hf_assisted.tokens_per_s, 2)
+        row["hf_target_tokens_per_s"] = round(hf_target.tokens_per_s, 2)
+        row["hf_assisted_speedup"] = round(hf_assisted.tokens_per_s / hf_target.tokens_per_s, 3)
+    return row
+
+
+def baseline_row(acceptance: float, baseline: Run, draft_step_ns: float) -> dict:
+    return {
+        "acceptance_knob": acceptance,
+        "tokens_per_s": round(baseline.tokens_per_s, 2),
+        "target_step_ms": _ms(baseline.verify_ns / baseline.rounds),
+        "draft_step_ms": _ms(draft_step_ns),
+        **round_breakdown(baseline, draft_step_ns),
+    }
+
+
+COLUMNS = [  # (header, key, format)
+    ("alpha knob", "acceptance_knob", "{:.2f}"),
+    ("alpha", "alpha", "{:.2f}"),
+    ("k", "k", "{}"),
+    ("acc. rate", "acceptance_rate", "{:.2f}"),
+    ("mean acc. len", "mean_accepted_length", "{:.2f}"),
+    ("tok/s", "tokens_per_s", "{:.1f}"),
+    ("speedup", "speedup", "{:.2f}x"),
+    ("ideal", "ideal_speedup", "{:.2f}x"),
+    ("meas/ideal", "measured_over_ideal", "{:.2f}"),
+    ("ideal overlapped", "ideal_speedup_overlapped", "{:.2f}x"),
+    ("drafted ahead", "drafted_ahead", "{:.0%}"),
+    ("HF assisted", "hf_assisted_speedup", "{:.2f}x"),
+    ("c", "draft_step_cost", "{:.3f}"),
+    ("v(k)", "verify_cost", "{:.2f}"),
+    ("overhead p50/p95 ms", None, None),
+]
+
+
+def table(results: dict) -> str:
+    """The rows as a Markdown table (it reads in a terminal and pastes into the README)."""
+    headers = [header for header, _, _ in COLUMNS]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in results["runs"]:
+        cells = []
+        for _, key, fmt in COLUMNS:
+            if key is None:
+                cells.append(f"{row['overhead_p50_ms']:.2f} / {row['overhead_p95_ms']:.2f}")
+            else:
+                cells.append(fmt.format(row[key]) if key in row else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    for base in results["baselines"]:
+        lines.append(f"\ntarget-only baseline at alpha knob {base['acceptance_knob']:.2f}: "
+                     f"{base['tokens_per_s']:.1f} tok/s, target step {base['target_step_ms']:.1f} ms, "
+                     f"draft step {base['draft_step_ms']:.2f} ms, overhead per token p50/p95 "
+                     f"{base['overhead_p50_ms']:.2f} / {base['overhead_p95_ms']:.2f} ms")
+    return "\n".join(lines)
+
+
+def write_json(results: dict, path: pathlib.Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def plot(results: dict, path: pathlib.Path) -> str | None:
+    """Speedup vs alpha per k (measured, ideal, HF assisted) and where a round's time goes; None when matplotlib
+    is missing (it is the `bench` extra), else the path written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    runs = results["runs"]
+    ks = sorted({row["k"] for row in runs})
+    figure, (speedups, breakdown) = plt.subplots(1, 2, figsize=(13, 5))
+    for index, k in enumerate(ks):
+        rows = sorted((row for row in runs if row["k"] == k), key=lambda row: row["alpha"])
+        alphas = [row["alpha"] for row in rows]
+        color = f"C{index}"
+        speedups.plot(alphas, [row["speedup"] for row in rows], "o-", color=color, label=f"splitspec k={k}")
+        speedups.plot(alphas, [row["ideal_speedup"] for row in rows], "--", color=color, alpha=0.6,
+                      label=f"ideal k={k}")
+        speedups.plot(alphas, [row["ideal_speedup_overlapped"] for row in rows], ":", color=color, alpha=0.4,
+                      label=f"ideal overlapped k={k}")
+        if all("hf_assisted_speedup" in row for row in rows):
+            speedups.plot(alphas, [row["hf_assisted_speedup"] for row in rows], "x-.", color=color,
+                          label=f"HF assisted k={k}")
+    speedups.axhline(1.0, color="grey", linewidth=0.8)
+    speedups.set(xlabel="measured alpha (per-token greedy acceptance)", ylabel="speedup over target-only",
+                 title="Speedup vs acceptance")
+    speedups.legend(fontsize=7, ncol=2)
+
+    main = results["config"]["main_acceptance"]
+    rows = [row for row in runs if row["acceptance_knob"] == main]
+    labels = [f"k={row['k']}" for row in rows]
+    bottom = np.zeros(len(rows))
+    for key, label in (("draft_compute_ms", "draft compute waited for"), ("verify_compute_ms", "verify compute"),
+                       ("overhead_ms", "orchestration overhead")):
+        values = np.array([row[key] for row in rows])
+        breakdown.bar(labels, values, bottom=bottom, label=label)
+        bottom += values
+    breakdown.set(ylabel="ms per round (mean)", title=f"Where a round's time goes (alpha knob {main:.2f})")
+    breakdown.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return str(path)

@@ -1,0 +1,144 @@
+"""The systems `make bench` times, each on the same prompts (token ids, so every system sees the same input):
+
+  splitspec    - the target server, verifying blocks from the draft server, streamed through the client SDK;
+                 with num_speculative_tokens = 0 it is the baseline, target-only autoregressive decoding.
+  hf           - Hugging Face `generate` in this process: target alone, or assisted generation
+                 (`assistant_model=`) with the same draft and a constant k.
+  draft step   - one draft forward in this process, on the draft server's CPUs and thread count: the only compute
+                 the target's stats do not carry.
+"""
+
+import contextlib
+import dataclasses
+import os
+import statistics
+import time
+
+import torch
+from splitspec_client import Client
+
+from splitspec import models
+from splitspec.kv_cache import CausalLMRunner
+
+
+@dataclasses.dataclass
+class Run:
+    """One system on every prompt. Counters are sums over the prompts' stats; `round_*` lists have one entry per
+    round after each request's first (whose time includes the prefill)."""
+
+    generated_tokens: int = 0
+    wall_ns: int = 0
+    token_ids: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
+    rounds: int = 0
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_drafts_ahead: int = 0
+    full_blocks: int = 0  # blocks of k draft tokens that were accepted whole
+    verify_ns: int = 0
+    draft_wait_ns: int = 0
+    fallback_reasons: list[str] = dataclasses.field(default_factory=list)
+    round_wall_ns: list[int] = dataclasses.field(default_factory=list)  # client-side gap between two rounds' chunks
+    # The request's means per round: verify time, and draft tokens drafted while the target waited (blocks drafted
+    # ahead were drafted while it verified the one before).
+    round_verify_ns: list[float] = dataclasses.field(default_factory=list)
+    round_waited_draft_tokens: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / (self.wall_ns / 1e9)
+
+    @property
+    def alpha(self) -> float:
+        """Per-token acceptance probability (the alpha of Leviathan et al.), maximum likelihood: accepted draft
+        tokens over accepted plus rejected ones; a block has one rejection unless it was accepted whole.
+        (The stats' acceptance_rate, accepted / drafted, also counts the tokens after a rejection.)"""
+        rejections = self.num_drafts - self.full_blocks
+        total = self.num_accepted_tokens + rejections
+        return self.num_accepted_tokens / total if total else 0.0
+
+
+def run_splitspec(client: Client, prompts: list[list[int]], max_new_tokens: int, k: int) -> Run:
+    """Stream every prompt through the target server; each chunk of the stream is one verification round."""
+    run = Run()
+    for prompt in prompts:
+        chunk_ns, token_ids, stats = [], [], None
+        started = time.perf_counter_ns()
+        for chunk in client.stream(prompt, max_new_tokens=max_new_tokens, num_speculative_tokens=k, ignore_eos=True):
+            chunk_ns.append(time.perf_counter_ns())
+            token_ids += chunk.token_ids
+            stats = chunk.stats or stats
+        run.wall_ns += chunk_ns[-1] - started
+        run.generated_tokens += len(token_ids)
+        run.token_ids.append(tuple(token_ids))
+        for field in ("rounds", "num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_drafts_ahead",
+                      "verify_ns", "draft_wait_ns"):
+            setattr(run, field, getattr(run, field) + getattr(stats, field))
+        # A short last block accepted whole counts as rejected: alpha comes out a little low, never high.
+        per_position = stats.num_accepted_tokens_per_pos
+        run.full_blocks += per_position[k - 1] if 0 < k <= len(per_position) else 0
+        if stats.fallback_reason:
+            run.fallback_reasons.append(stats.fallback_reason)
+        waited_blocks = 1 - stats.num_drafts_ahead / stats.num_drafts if stats.num_drafts else 0
+        for i in range(1, len(chunk_ns)):
+            run.round_wall_ns.append(chunk_ns[i] - chunk_ns[i - 1])
+            run.round_verify_ns.append(stats.verify_ns / stats.rounds)
+            run.round_waited_draft_tokens.append(stats.num_draft_tokens * waited_blocks / stats.rounds)
+    return run
+
+
+@contextlib.contextmanager
+def on_cpus(cpus: list[int]):
+    """Run this process's torch work on `cpus` with one thread each, as a server pinned to them would."""
+    affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, cpus)
+    torch.set_num_threads(len(cpus))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, affinity)
+        torch.set_num_threads(threads)
+
+
+def load_model(directory: str) -> torch.nn.Module:
+    model = models.load_causal_lm(directory, torch.device("cpu"), torch.float32)
+    model.generation_config.eos_token_id = None  # every system generates exactly max_new_tokens
+    return model
+
+
+def measure_step_ns(model: torch.nn.Module, prompt: list[int], steps: int = 24) -> float:
+    """Median time of one greedy decoding step after `prompt`, through the servers' forward pass."""
+    runner = CausalLMRunner(model)
+    sequence = runner.new_sequence(prompt)
+    runner.prefill(sequence, len(prompt) - 1)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter_ns()
+        logits = runner.forward(sequence, sequence.uncached_token_ids(), logits_to_keep=1)  # [1, vocab]
+        times.append(time.perf_counter_ns() - started)
+        sequence.token_ids.append(int(logits[0].argmax()))
+    return statistics.median(times[2:])
+
+
+@torch.inference_mode()
+def run_hf(target: torch.nn.Module, draft: torch.nn.Module | None, prompts: list[list[int]], max_new_tokens: int,
+           k: int) -> Run:
+    """Greedy `generate` in this process; with a draft, assisted generation drafting exactly k tokens a round."""
+    options = {}
+    if draft is not None:
+        draft.generation_config.num_assistant_tokens = k
+        draft.generation_config.num_assistant_tokens_schedule = "constant"
+        draft.generation_config.assistant_confidence_threshold = 0.0  # never stop a draft early
+        options["assistant_model"] = draft
+    run = Run()
+    for prompt in prompts:
+        input_ids = torch.tensor([prompt])  # [1, prompt_len]
+        started = time.perf_counter_ns()
+        output = target.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+                                 **options)
+        run.wall_ns += time.perf_counter_ns() - started
+        run.token_ids.append(tuple(output[0, len(prompt):].tolist()))
+        run.generated_tokens += len(run.token_ids[-1])
+    return run

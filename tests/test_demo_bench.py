@@ -1,0 +1,184 @@
+"""The demo pair builder, `make demo`'s driver and `make bench`, on tiny models. No speed is asserted: the
+machine is shared and noisy; outputs, fields and exactness are."""
+
+import hashlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from splitspec import demo_models
+from splitspec.bench import cuda
+from splitspec.kv_cache import CausalLMRunner
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _run_module(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process model work on one thread: on a busy machine, OpenMP threads waiting on each other are slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo-models")
+
+
+def test_demo_pair_is_loadable_and_its_acceptance_follows_the_knob(models_dir):
+    low = demo_models.ensure_pair(0.5, "tiny", models_dir / "low")
+    high = demo_models.ensure_pair(0.9, "tiny", models_dir / "high")
+    shape = demo_models.SHAPES["tiny"]
+    prompts = demo_models.text_prompts(demo_models.build_tokenizer(shape.vocab_size, shape.text_modules),
+                                       shape.text_modules, 12, 10)  # not the prompts the build measured on
+    measured = {}
+    for pair in (low, high):
+        target = AutoModelForCausalLM.from_pretrained(pair.target_dir).eval()
+        draft = AutoModelForCausalLM.from_pretrained(pair.draft_dir).eval()
+        assert (target.config.num_hidden_layers, draft.config.num_hidden_layers) == (shape.num_layers, 1)
+        assert AutoTokenizer.from_pretrained(pair.target_dir).get_vocab() == \
+            AutoTokenizer.from_pretrained(pair.draft_dir).get_vocab()
+        assert abs(pair.measured_acceptance - pair.acceptance) < 0.1, pair
+        measured[pair.acceptance] = demo_models.measure_acceptance(target, draft, prompts, 48)
+    assert measured[0.9] > measured[0.5] + 0.2, measured
+
+
+def test_demo_pair_is_deterministic_and_reused(models_dir):
+    first = demo_models.ensure_pair(0.7, "tiny", models_dir / "a")
+    second = demo_models.build_pair(models_dir / "b", "tiny", 0.7, log=lambda message: None)
+
+    def digest(directory: str) -> str:
+        return hashlib.sha256((pathlib.Path(directory) / "model.safetensors").read_bytes()).hexdigest()
+
+    assert digest(first.target_dir) == digest(second.target_dir)
+    assert digest(first.draft_dir) == digest(second.draft_dir)
+    built = []
+    assert demo_models.ensure_pair(0.7, "tiny", models_dir / "a", log=built.append) == first
+    assert built == []  # found in the cache, not rebuilt
+
+
+def test_demo_shape_draft_step_is_at_most_an_eighth_of_a_target_step():
+    # Per-token work is the weights a token passes through (the embedding is a lookup): count them.
+    shape = demo_models.SHAPES["demo"]
+    with torch.device("meta"):
+        target = LlamaForCausalLM(LlamaConfig(
+            vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+            num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_attention_heads,
+            num_key_value_heads=shape.num_key_value_heads, tie_word_embeddings=False))
+    per_layer = sum(p.numel() for p in target.model.layers[0].parameters())
+    head = target.lm_head.weight.numel()
+    assert (shape.draft_layers * per_layer + head) / (shape.num_layers * per_layer + head) <= 1 / 8
+
+
+def test_demo_driver_streams_and_prints_its_stats(models_dir):
+    result = _run_module("splitspec.demo", "--tiny", "--models-dir", str(models_dir), "--max-new-tokens", "24")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for line in ("acceptance rate", "mean accepted length", "tokens/s", "speedup", "over target-only decoding"):
+        assert line in out, out
+    assert "same tokens: yes" in out, out
+    assert out.rstrip().endswith("Servers stopped."), out
+
+
+def _children(pid: int) -> list[int]:
+    text = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in text.split()]
+
+
+def test_demo_driver_stops_both_servers_on_ctrl_c(models_dir):
+    demo_models.ensure_pair(0.8, "tiny", models_dir / demo_models.pair_name("tiny", 0.8))
+    # A shell starts a background job with SIGINT ignored, and children inherit that: give the demo a terminal's.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "splitspec.demo", "--tiny", "--models-dir", str(models_dir),
+                                    "--max-new-tokens", "1000"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        for line in process.stdout:
+            if line.startswith("--- splitspec"):
+                break
+        servers = _children(process.pid)
+        assert len(servers) == 2, servers
+        time.sleep(0.2)
+        process.send_signal(signal.SIGINT)  # what Ctrl-C sends to the terminal's foreground process
+        output = process.communicate(timeout=60)[0]
+    finally:
+        process.kill()
+    assert process.returncode == 130, output
+    assert "Servers stopped." in output
+    for pid in servers:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in pathlib.Path(f"/proc/{pid}/status").read_text()
+
+
+RUN_FIELDS = {
+    "acceptance_knob", "alpha_at_build", "alpha", "k", "acceptance_rate", "mean_accepted_length",
+    "expected_tokens_per_round", "draft_step_cost", "verify_cost", "tokens_per_s", "baseline_tokens_per_s",
+    "speedup", "ideal_speedup", "ideal_speedup_overlapped", "measured_over_ideal", "drafted_ahead",
+    "same_tokens_as_baseline", "fallbacks", "round_wall_ms", "draft_compute_ms", "verify_compute_ms",
+    "draft_wait_ms", "overhead_ms", "overhead_p50_ms", "overhead_p95_ms",
+}
+HF_FIELDS = {"hf_assisted_tokens_per_s", "hf_target_tokens_per_s", "hf_assisted_speedup"}
+
+
+def test_bench_quick_runs_end_to_end_and_writes_its_fields(models_dir, tmp_path):
+    result = _run_module("splitspec.bench", "--quick", "--models-dir", str(models_dir), "--output", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert {"config", "machine", "baselines", "runs"} <= results.keys()
+    config = results["config"]
+    assert len(results["runs"]) == len(config["acceptances"]) * len(config["ks"])
+    assert len(results["baselines"]) == len(config["acceptances"])
+    for row in results["runs"]:
+        expected = RUN_FIELDS | HF_FIELDS if row["k"] == config["hf_k"] else RUN_FIELDS
+        assert expected <= row.keys(), expected - row.keys()
+        assert row["same_tokens_as_baseline"] and row["fallbacks"] == 0, row  # greedy output is the target's
+        assert 0 <= row["alpha"] <= 1 and row["ideal_speedup"] > 0 and row["speedup"] > 0
+    for base in results["baselines"]:
+        assert {"tokens_per_s", "target_step_ms", "draft_step_ms", "overhead_p50_ms", "overhead_p95_ms"} <= base.keys()
+    assert "| alpha knob |" in result.stdout  # the table
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
+def test_bench_cuda_mode_is_skipped_without_a_gpu(capsys, tmp_path):
+    from splitspec.bench.__main__ import main
+
+    assert main(["--device", "cuda", "--output", str(tmp_path)]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_forced_acceptance_decoding_counts():
+    """The GPU mode's loop, on tiny CPU models: alpha 1 accepts every draft token, alpha 0 none."""
+    target = CausalLMRunner(demo_models.build_llama(0, 256, num_layers=2))
+    draft = CausalLMRunner(demo_models.build_llama(1, 256, num_layers=1))
+    generator = torch.Generator().manual_seed(0)
+    prompt = [5, 6, 7, 8]
+    always = cuda.decode_forced(target, draft, prompt, 20, 3, 1.0, generator)
+    assert (always["generated_tokens"], always["rounds"]) == (20, 5)
+    assert always["num_accepted_tokens"] == always["num_draft_tokens"] == 15
+    never = cuda.decode_forced(target, draft, prompt, 20, 3, 0.0, generator)
+    assert (never["generated_tokens"], never["num_accepted_tokens"], never["rounds"]) == (20, 0, 20)
+    half = cuda.decode_forced(target, draft, prompt, 300, 4, 0.5, generator)
+    # accepted / drafted = (0.5 + 0.25 + 0.125 + 0.0625) / 4 = 0.23 in expectation
+    assert 0.15 < half["num_accepted_tokens"] / half["num_draft_tokens"] < 0.32
