@@ -61,7 +61,9 @@ class DraftSession:
         # Drafting ahead pays when the open block is likely fully accepted; after a rejection it mostly wastes the
         # draft's time (and, where draft and target share cores, the target's), so it waits for a full acceptance.
         self.last_block_fully_accepted = True
-        self.abandon_ahead = False  # set by the event loop when a verdict makes the block drafted ahead useless
+        # Set by the event loop when the verdict on the open block arrives while the next block is drafted ahead;
+        # the drafting step checks it against its guess (which the event loop may not know yet).
+        self.pending_verdict: Verdict | None = None
 
     def _next_token(self, runner: CausalLMRunner, draft_probs: list[SparseDistribution] | None) -> int | None:
         """Feed the uncached tokens and choose the next one (greedy guess when `draft_probs` is None)."""
@@ -88,7 +90,7 @@ class DraftSession:
         token_ids: list[int] = []
         draft_probs: list[SparseDistribution] = []
         for _ in range(num_tokens):
-            if ahead and self.abandon_ahead:
+            if ahead and self.pending_verdict is not None and not self.keeps_ahead_block(self.pending_verdict):
                 return None
             token_id = self._next_token(runner, draft_probs)
             token_ids.append(token_id)
@@ -141,7 +143,7 @@ class DraftSession:
             self.sequence.truncate(verdict.rollback_to)
             self.sequence.token_ids.append(verdict.next_token_id)
         self.ahead_guess = None
-        self.abandon_ahead = False
+        self.pending_verdict = None
         self.check_block_size("verdict.num_speculative_tokens", verdict.num_speculative_tokens, allow_zero=True)
         return ahead_stands
 

@@ -69,8 +69,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                         raise FailedPrecondition("verdict before start: send a SessionStart first")
                     verdict = wire.verdict_from_pb(request.verdict)
                     if ahead is not None:
-                        if not session.keeps_ahead_block(verdict):
-                            session.abandon_ahead = True
+                        session.pending_verdict = verdict
                         block, ahead = await ahead, None
                         if block is not None and session.keeps_ahead_block(verdict):
                             yield draft_pb2.SpeculateResponse(block=wire.block_to_pb(block))
