@@ -114,6 +114,7 @@ def _fuzz_and_check(target, draft, reference, cases):
     statuses = run_fuzz(target, draft, cases)
     assert statuses.get("INVALID_ARGUMENT", 0) > cases // 4 and statuses.get("FAILED_PRECONDITION", 0) > 0
     check_survived(target, draft, reference, rss_before)
+    print(f"fuzz: {cases} hostile messages, statuses {statuses}, both servers up, 0 sessions leaked")
 
 
 def test_hostile_messages_get_clean_statuses(target_related, related_draft, reference):

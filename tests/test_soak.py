@@ -56,8 +56,10 @@ def soak(target, draft, reference, seconds: float, concurrency: int = 4) -> dict
         stub = draft_pb2_grpc.DraftServiceStub(channel)
         assert _eventually(lambda: stub.Info(draft_pb2.DraftInfoRequest(), timeout=5).live_sessions == 0)
     for server, before in zip((target, draft), rss_before):
-        assert rss_mb(server.process.pid) - before < RSS_GROWTH_BOUND_MB, server.module
+        counts[f"{server.module}_rss_growth_mb"] = round(rss_mb(server.process.pid) - before, 1)
+        assert counts[f"{server.module}_rss_growth_mb"] < RSS_GROWTH_BOUND_MB, server.module
     assert counts["errors"] == 0
+    counts["sessions_leaked"] = 0  # asserted above: both halves back to zero live sessions
     return counts
 
 
