@@ -153,6 +153,14 @@ def test_bench_quick_runs_end_to_end_and_writes_its_fields(models_dir, tmp_path)
     for base in results["baselines"]:
         assert {"tokens_per_s", "target_step_ms", "draft_step_ms", "overhead_p50_ms", "overhead_p95_ms"} <= base.keys()
     assert "| alpha knob |" in result.stdout  # the table
+    modes = results["modes"]  # --quick runs them too, on the tiny pair, at 1 and 2 streams
+    assert {"config", "target_only_tokens_per_s", "pipelining", "adaptive", "concurrency"} <= modes.keys()
+    assert [row["streams"] for row in modes["concurrency"]] == modes["config"]["concurrency"]
+    for row in modes["pipelining"]:
+        assert row["num_drafts"] > 0 and row["sequential_drafted_ahead"] == 0, row
+    for row in [*modes["pipelining"], modes["adaptive"], *modes["concurrency"]]:
+        assert row["same_tokens_as_baseline"] and row["fallbacks"] == 0, row
+    assert "| streams |" in result.stdout
     try:
         import matplotlib  # noqa: F401
     except ImportError:

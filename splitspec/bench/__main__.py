@@ -5,6 +5,9 @@ same prompts, over a sweep of acceptance rates (demo pairs, `splitspec.demo_mode
     python -m splitspec.bench --quick     # a smoke run on tiny models (CI)
     python -m splitspec.bench --device cuda   # GPU timing with a 7B-shaped target (skipped without a GPU)
 
+After the sweep, the modes (splitspec/bench/modes.py; --no-modes skips them): pipelined vs sequential, adaptive vs
+fixed k, and 1/2/4/8 concurrent streams, on the alpha 0.9 pair.
+
 Writes OUTPUT/bench.json and OUTPUT/bench.png, and prints a table. Read the speedups as ratios: the draft and the
 target share one small machine here, and the absolute times count only on a GPU.
 """
@@ -23,7 +26,7 @@ import transformers
 from splitspec_client import Client
 
 from splitspec import demo_models, launch
-from splitspec.bench import report, runs
+from splitspec.bench import modes, report, runs
 from splitspec.topology import format_cpu_list
 
 PROMPTS = [
@@ -50,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", type=int, help=f"How many of the {len(PROMPTS)} prompts to run.")
     parser.add_argument("--max-new-tokens", type=int, help="Tokens generated per prompt.")
     parser.add_argument("--no-hf", action="store_true", help="Skip Hugging Face assisted generation.")
+    parser.add_argument("--modes", action=argparse.BooleanOptionalAction, default=True,
+                        help="After the sweep, compare pipelined vs sequential, adaptive vs fixed k and concurrent "
+                             "streams on the alpha 0.9 pair (splitspec/bench/modes.py).")
     parser.add_argument("--models-dir", type=pathlib.Path, default=None,
                         help=f"Where demo pairs are cached. Default: {demo_models.default_cache_dir()}.")
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("bench-results"),
@@ -81,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                                                          else config["acceptances"][-1])
     # Hugging Face assisted generation runs at one k (it takes as long as splitspec's runs): 4 when swept.
     config["hf_k"] = 4 if 4 in config["ks"] else config["ks"][-1]
+    if args.modes:
+        config["modes"] = dict(modes.QUICK if args.quick else modes.DEFAULTS)
     progress = Progress()
     try:
         results = sweep(config, args, progress)
@@ -90,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path = args.output / "bench.json"
     report.write_json(results, json_path)
     print("\n" + report.table(results) + "\n")
+    if "modes" in results:
+        print(modes.table(results["modes"]) + "\n")
     png = report.plot(results, args.output / "bench.png")
     print(f"wrote {json_path}" + (f" and {png}" if png else " (no plot: matplotlib is not installed)"))
     progress("done")
@@ -130,6 +140,9 @@ def sweep(config: dict, args, progress: Progress) -> dict:
                 row = results["runs"][-1]
                 progress(f"  alpha {acceptance:.2f} k={k}: speedup {row['speedup']:.2f}x (ideal "
                          f"{row['ideal_speedup']:.2f}x), measured alpha {row['alpha']:.2f}")
+        if "modes" in config:
+            results["modes"] = measure_modes(config, args, draft.address, target_cpus, log_dir, prompts, tokenizer,
+                                             progress)
     finally:
         launch.stop_all([draft])
     return results
@@ -149,6 +162,20 @@ def measure_pair(pair, draft_address: str, target_cpus: list[int], log_dir: path
         return measured
     finally:
         launch.stop_all([target])
+
+
+def measure_modes(config, args, draft_address: str, target_cpus: list[int], log_dir: pathlib.Path, prompts,
+                  tokenizer, progress) -> dict:
+    """The modes on the draft server of the sweep (the pairs share their draft model)."""
+    options = config["modes"]
+    shape = config["shape"]
+    directory = args.models_dir / demo_models.pair_name(shape, options["acceptance"]) if args.models_dir else None
+    pair = demo_models.ensure_pair(options["acceptance"], shape, directory, log=progress)
+    options["max_new_tokens"] = min(options["max_new_tokens"], config["max_new_tokens"])
+    options["stream_tokens"] = min(options["stream_tokens"], config["max_new_tokens"])
+    modules = demo_models.SHAPES[shape].text_modules
+    stream_prompts = demo_models.text_prompts(tokenizer, modules, max(options["concurrency"]), 16).tolist()
+    return modes.run_modes(pair, draft_address, target_cpus, log_dir, prompts, stream_prompts, options, progress)
 
 
 def measure_hf(pair, cpus: list[int], prompts, config, progress) -> dict:

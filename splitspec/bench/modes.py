@@ -1,0 +1,244 @@
+"""`make bench`'s modes: the target server's performance options, compared on one demo pair, as ratios.
+
+  pipelined vs sequential - the target started with --draft-ahead (its default) and with --no-draft-ahead: tokens/s,
+                            speedup over target-only, and the share of blocks drafted ahead (num_drafts_ahead /
+                            num_drafts), at k and at the adaptive comparison's larger k.
+  adaptive vs fixed k     - --adaptive-num-speculative-tokens against the default, a request asking for adaptive_k.
+  concurrent streams      - aggregate tokens/s of 1, 2, 4, ... streams at once (one thread and one channel each,
+                            `Client.generate` on different prompts), splitspec at k and target-only
+                            (num_speculative_tokens=0) on the same server, and each one's ratio to one stream.
+
+Three target servers (one per flag set), all up at once, share the sweep's draft server. Every single-stream
+system runs a prompt before any runs the next, and each concurrency level times splitspec and target-only back to
+back: the machine's load drifts, and falls alike on what is compared.
+"""
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import pathlib
+import threading
+import time
+
+from splitspec_client import Client
+
+from splitspec import launch
+from splitspec.bench import runs
+from splitspec.topology import format_cpu_list
+
+DEFAULTS = dict(acceptance=0.9, k=4, adaptive_k=8, concurrency=[1, 2, 4, 8], max_new_tokens=96, stream_tokens=64)
+QUICK = dict(acceptance=0.9, k=4, adaptive_k=8, concurrency=[1, 2], max_new_tokens=12, stream_tokens=12)
+SERVERS = {  # name: extra target flags
+    "pipelined": ["--draft-ahead"],
+    "sequential": ["--no-draft-ahead"],
+    "adaptive": ["--draft-ahead", "--adaptive-num-speculative-tokens"],
+}
+
+
+def start_target(model_dir: str, draft_address: str, cpus: list[int], log_dir: pathlib.Path, name: str):
+    """launch.start_target's server, with the mode's flags."""
+    return launch.ServerProcess("target_server", ["--model", model_dir, "--draft", draft_address, "--device", "cpu",
+                                                  "--threads", str(len(cpus)), "--max-num-speculative-tokens", "16",
+                                                  *SERVERS[name]],
+                                log_dir / f"target-{name}.log", cpus=cpus)
+
+
+def run_modes(pair, draft_address: str, target_cpus: list[int], log_dir: pathlib.Path, prompts: list[list[int]],
+              stream_prompts: list[list[int]], config: dict, progress) -> dict:
+    """The "modes" section of bench.json. `prompts` are timed one after another; `stream_prompts` (one per stream
+    of the largest concurrency) at once."""
+    k, adaptive_k, tokens = config["k"], config["adaptive_k"], config["max_new_tokens"]
+    started = time.monotonic()
+    servers, clients = {}, {}
+    try:
+        # Started side by side: most of a start is waiting on imports, and the CPUs are idle between two runs.
+        with concurrent.futures.ThreadPoolExecutor(len(SERVERS)) as pool:
+            futures = {name: pool.submit(start_target, pair.target_dir, draft_address, target_cpus, log_dir, name)
+                       for name in SERVERS}
+            for name, future in futures.items():
+                with contextlib.suppress(Exception):  # raised again below, once every started server is kept
+                    servers[name] = future.result()
+            for future in futures.values():
+                future.result()
+        for name, server in servers.items():
+            clients[name] = Client(server.address, timeout=600)
+            runs.run_splitspec(clients[name], prompts[:1], 4, k)  # warm-up: a fresh process's first passes are slow
+        progress(f"modes: 3 target servers up on CPUs {format_cpu_list(target_cpus)} "
+                 f"({time.monotonic() - started:.0f}s)")
+
+        # Every system on one prompt, then every system on the next: drift in the machine's load falls on all.
+        systems = [("pipelined", 0), *[(name, block) for block in sorted({k, adaptive_k})
+                                       for name in ("pipelined", "sequential")], ("adaptive", adaptive_k)]
+        per_prompt = {system: [] for system in systems}
+        for prompt in prompts:
+            for name, block in systems:
+                per_prompt[name, block].append(runs.run_splitspec(clients[name], [prompt], tokens, block))
+        measured = {system: merge(parts) for system, parts in per_prompt.items()}
+        for (name, block), run in measured.items():
+            progress(f"modes: {name} {'target-only' if block == 0 else f'k={block}'}: {run.tokens_per_s:.1f} tok/s"
+                     + (f", drafted ahead {run.num_drafts_ahead}/{run.num_drafts} blocks" if block else ""))
+        baseline = measured["pipelined", 0]
+        pipelining = [pipelining_row(block, measured["pipelined", block], measured["sequential", block], baseline)
+                      for block in sorted({k, adaptive_k})]
+        adaptive = adaptive_row(adaptive_k, measured["adaptive", adaptive_k], measured["pipelined", adaptive_k],
+                                baseline)
+
+        concurrency = []
+        for streams in config["concurrency"]:
+            spec = run_concurrent(servers["pipelined"].address, stream_prompts[:streams], config["stream_tokens"], k)
+            alone = run_concurrent(servers["pipelined"].address, stream_prompts[:streams], config["stream_tokens"], 0)
+            concurrency.append(concurrency_row(streams, spec, alone, concurrency[0] if concurrency else None))
+            row = concurrency[-1]
+            progress(f"modes: {streams} stream(s): splitspec {row['tokens_per_s']:.1f} tok/s, target-only "
+                     f"{row['target_only_tokens_per_s']:.1f} tok/s")
+    finally:
+        for client in clients.values():
+            client.close()
+        launch.stop_all(list(servers.values()))
+    return {
+        "config": {**config, "prompts": len(prompts), "acceptance_knob": pair.acceptance,
+                   "alpha_at_build": round(pair.measured_acceptance, 4)},
+        "target_only_tokens_per_s": round(baseline.tokens_per_s, 2),
+        "pipelining": pipelining,
+        "adaptive": adaptive,
+        "concurrency": concurrency,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def merge(parts: list[runs.Run]) -> runs.Run:
+    """One Run from runs of the same system on different prompts (sums and concatenations)."""
+    merged = runs.Run()
+    for part in parts:
+        for field in dataclasses.fields(runs.Run):
+            setattr(merged, field.name, getattr(merged, field.name) + getattr(part, field.name))
+    return merged
+
+
+def _drafted_ahead(run: runs.Run) -> float:
+    return round(run.num_drafts_ahead / max(1, run.num_drafts), 3)
+
+
+def pipelining_row(k: int, pipelined: runs.Run, sequential: runs.Run, baseline: runs.Run) -> dict:
+    return {
+        "k": k,
+        "pipelined_tokens_per_s": round(pipelined.tokens_per_s, 2),
+        "sequential_tokens_per_s": round(sequential.tokens_per_s, 2),
+        "pipelined_speedup": round(pipelined.tokens_per_s / baseline.tokens_per_s, 3),
+        "sequential_speedup": round(sequential.tokens_per_s / baseline.tokens_per_s, 3),
+        "pipelined_over_sequential": round(pipelined.tokens_per_s / sequential.tokens_per_s, 3),
+        "num_drafts_ahead": pipelined.num_drafts_ahead,
+        "num_drafts": pipelined.num_drafts,
+        "drafted_ahead": _drafted_ahead(pipelined),
+        "sequential_drafted_ahead": _drafted_ahead(sequential),
+        "pipelined_alpha": round(pipelined.alpha, 4),
+        "sequential_alpha": round(sequential.alpha, 4),
+        "same_tokens_as_baseline": pipelined.token_ids == sequential.token_ids == baseline.token_ids,
+        "fallbacks": len(pipelined.fallback_reasons) + len(sequential.fallback_reasons),
+    }
+
+
+def adaptive_row(k: int, adaptive: runs.Run, fixed: runs.Run, baseline: runs.Run) -> dict:
+    return {
+        "k": k,
+        "adaptive_tokens_per_s": round(adaptive.tokens_per_s, 2),
+        "fixed_tokens_per_s": round(fixed.tokens_per_s, 2),
+        "adaptive_speedup": round(adaptive.tokens_per_s / baseline.tokens_per_s, 3),
+        "fixed_speedup": round(fixed.tokens_per_s / baseline.tokens_per_s, 3),
+        "adaptive_over_fixed": round(adaptive.tokens_per_s / fixed.tokens_per_s, 3),
+        # draft tokens per block: k when fixed (less only at the end), what the sizer chose when adaptive
+        "adaptive_mean_block": round(adaptive.num_draft_tokens / max(1, adaptive.num_drafts), 2),
+        "fixed_mean_block": round(fixed.num_draft_tokens / max(1, fixed.num_drafts), 2),
+        "adaptive_acceptance_rate": round(adaptive.num_accepted_tokens / max(1, adaptive.num_draft_tokens), 4),
+        "fixed_acceptance_rate": round(fixed.num_accepted_tokens / max(1, fixed.num_draft_tokens), 4),
+        "adaptive_drafted_ahead": _drafted_ahead(adaptive),
+        "same_tokens_as_baseline": adaptive.token_ids == fixed.token_ids == baseline.token_ids,
+        "fallbacks": len(adaptive.fallback_reasons),
+    }
+
+
+def run_concurrent(address: str, prompts: list[list[int]], max_new_tokens: int, k: int) -> dict:
+    """Every prompt at once, one thread and one channel each; wall time from the common start to the last finish."""
+    results: list = [None] * len(prompts)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(prompts) + 1)
+    clients = [Client(address, timeout=600) for _ in prompts]
+
+    def stream(index: int) -> None:
+        try:
+            barrier.wait()
+            results[index] = clients[index].generate(prompts[index], max_new_tokens=max_new_tokens,
+                                                     num_speculative_tokens=k, ignore_eos=True)
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=stream, args=(index,), daemon=True) for index in range(len(prompts))]
+    try:
+        for thread in threads:
+            thread.start()
+        barrier.wait()
+        started = time.perf_counter_ns()
+        for thread in threads:
+            thread.join()
+        wall_ns = time.perf_counter_ns() - started
+    finally:
+        for client in clients:
+            client.close()
+    if errors:
+        raise errors[0]
+    return {
+        "wall_ns": wall_ns,
+        "generated_tokens": sum(len(result.token_ids) for result in results),
+        "token_ids": [tuple(result.token_ids) for result in results],
+        "num_drafts": sum(result.stats.num_drafts for result in results),
+        "num_drafts_ahead": sum(result.stats.num_drafts_ahead for result in results),
+        "fallbacks": sum(bool(result.stats.fallback_reason) for result in results),
+    }
+
+
+def concurrency_row(streams: int, spec: dict, alone: dict, first: dict | None) -> dict:
+    tokens_per_s = spec["generated_tokens"] / (spec["wall_ns"] / 1e9)
+    target_only = alone["generated_tokens"] / (alone["wall_ns"] / 1e9)
+    first = first or {"tokens_per_s": tokens_per_s, "target_only_tokens_per_s": target_only}
+    return {
+        "streams": streams,
+        "tokens_per_s": round(tokens_per_s, 2),
+        "target_only_tokens_per_s": round(target_only, 2),
+        "speedup": round(tokens_per_s / target_only, 3),
+        "over_one_stream": round(tokens_per_s / first["tokens_per_s"], 3),
+        "target_only_over_one_stream": round(target_only / first["target_only_tokens_per_s"], 3),
+        "drafted_ahead": round(spec["num_drafts_ahead"] / max(1, spec["num_drafts"]), 3),
+        "same_tokens_as_baseline": spec["token_ids"] == alone["token_ids"],
+        "fallbacks": spec["fallbacks"],
+    }
+
+
+def table(modes: dict) -> str:
+    """Markdown: the single-stream comparisons, then the concurrency levels."""
+    config = modes["config"]
+    lines = [f"modes at alpha knob {config['acceptance_knob']:.2f}, {config['prompts']} prompt(s) x "
+             f"{config['max_new_tokens']} tokens; target-only {modes['target_only_tokens_per_s']:.1f} tok/s", "",
+             "| mode | k | tok/s | speedup | ratio | blocks drafted ahead | mean block |",
+             "|---|---|---|---|---|---|---|"]
+    for row in modes["pipelining"]:
+        lines.append(f"| pipelined (--draft-ahead) | {row['k']} | {row['pipelined_tokens_per_s']:.1f} | "
+                     f"{row['pipelined_speedup']:.2f}x | {row['pipelined_over_sequential']:.2f}x sequential | "
+                     f"{row['drafted_ahead']:.0%} ({row['num_drafts_ahead']}/{row['num_drafts']}) | - |")
+        lines.append(f"| sequential (--no-draft-ahead) | {row['k']} | {row['sequential_tokens_per_s']:.1f} | "
+                     f"{row['sequential_speedup']:.2f}x | 1.00x | {row['sequential_drafted_ahead']:.0%} | - |")
+    row = modes["adaptive"]
+    lines.append(f"| adaptive k (--adaptive-num-speculative-tokens) | <= {row['k']} | "
+                 f"{row['adaptive_tokens_per_s']:.1f} | {row['adaptive_speedup']:.2f}x | "
+                 f"{row['adaptive_over_fixed']:.2f}x fixed | {row['adaptive_drafted_ahead']:.0%} | "
+                 f"{row['adaptive_mean_block']:.1f} |")
+    lines.append(f"| fixed k | {row['k']} | {row['fixed_tokens_per_s']:.1f} | {row['fixed_speedup']:.2f}x | 1.00x | "
+                 f"- | {row['fixed_mean_block']:.1f} |")
+    lines += ["", f"concurrent streams, {config['stream_tokens']} tokens each, k={config['k']}, draft-ahead on:", "",
+              "| streams | splitspec tok/s (aggregate) | x one stream | target-only tok/s (aggregate) | x one stream | "
+              "splitspec / target-only |",
+              "|---|---|---|---|---|---|"]
+    for row in modes["concurrency"]:
+        lines.append(f"| {row['streams']} | {row['tokens_per_s']:.1f} | {row['over_one_stream']:.2f}x | "
+                     f"{row['target_only_tokens_per_s']:.1f} | {row['target_only_over_one_stream']:.2f}x | "
+                     f"{row['speedup']:.2f}x |")
+    return "\n".join(lines)
