@@ -19,6 +19,25 @@ def _load(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+PROMPT = [1, 17, 99, 230, 41]
+
+
+def _start_both_halves(model_dirs, draft_name, sampling, k, draft_ahead):
+    """Both halves' real session objects, in this process: the draft's first block and the target's prefilled
+    sequence."""
+    target = CausalLMRunner(_load(model_dirs["target"]))
+    draft_model = _load(model_dirs[draft_name])
+    vocabulary = models.vocabulary_of(draft_model, None)
+    engine = DraftEngine(CausalLMRunner(draft_model), vocabulary,
+                         DraftLimits(max_num_speculative_tokens=8, max_context_tokens=512, max_draft_support=64,
+                                     max_sessions=4))
+    start = SessionStart(PROMPT, sampling, k, vocabulary, "rollback-test", draft_ahead)
+    session, block = asyncio.run(engine.start_session(start))
+    sequence = target.new_sequence(PROMPT)
+    target.prefill(sequence, len(PROMPT) - 1)
+    return target, engine, vocabulary, session, block, sequence
+
+
 @pytest.mark.parametrize("draft_name,sampling", [
     ("unrelated_draft", SamplingParams()),
     ("target", SamplingParams()),
@@ -27,17 +46,8 @@ def _load(path):
 ])
 def test_caches_match_rollback_to_after_every_verdict(model_dirs, draft_name, sampling):
     k = 4
-    target = CausalLMRunner(_load(model_dirs["target"]))
-    draft_model = _load(model_dirs[draft_name])
-    vocabulary = models.vocabulary_of(draft_model, None)
-    engine = DraftEngine(CausalLMRunner(draft_model), vocabulary,
-                         DraftLimits(max_num_speculative_tokens=8, max_context_tokens=512, max_draft_support=64,
-                                     max_sessions=4))
-    prompt = [1, 17, 99, 230, 41]
-    start = SessionStart(prompt, sampling, k, vocabulary, "rollback-test")
-    session, block = asyncio.run(engine.start_session(start))
-    sequence = target.new_sequence(prompt)
-    target.prefill(sequence, len(prompt) - 1)
+    target, engine, vocabulary, session, block, sequence = _start_both_halves(model_dirs, draft_name, sampling, k,
+                                                                               draft_ahead=False)
     generator = make_generator(sampling.seed)
     accepted_lens = []
     for _ in range(12):
@@ -70,16 +80,8 @@ def test_draft_ahead_keeps_both_halves_in_step(model_dirs, draft_name, sampling)
     """The draft drafts each next block before the verdict; a block drafted ahead is used exactly when the verdict
     confirms its guess, and otherwise the draft rolls back as without draft-ahead."""
     k = 3
-    target = CausalLMRunner(_load(model_dirs["target"]))
-    draft_model = _load(model_dirs[draft_name])
-    vocabulary = models.vocabulary_of(draft_model, None)
-    engine = DraftEngine(CausalLMRunner(draft_model), vocabulary,
-                         DraftLimits(max_num_speculative_tokens=8, max_context_tokens=512, max_draft_support=64,
-                                     max_sessions=4))
-    prompt = [1, 17, 99, 230, 41]
-    session, block = asyncio.run(engine.start_session(SessionStart(prompt, sampling, k, vocabulary, "ahead", True)))
-    sequence = target.new_sequence(prompt)
-    target.prefill(sequence, len(prompt) - 1)
+    target, engine, vocabulary, session, block, sequence = _start_both_halves(model_dirs, draft_name, sampling, k,
+                                                                               draft_ahead=True)
     generator = make_generator(sampling.seed)
     used_ahead = 0
     for _ in range(12):
