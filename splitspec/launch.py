@@ -36,12 +36,16 @@ class ServerProcess:
     """
 
     def __init__(self, module: str, args: list[str], log_path: pathlib.Path, cpus: list[int] | None = None,
-                 startup_timeout_s: float = 120.0):
+                 startup_timeout_s: float = 120.0, threads: int | None = None,
+                 health_credentials: grpc.ChannelCredentials | None = None):
+        """`health_credentials`: for a server that serves TLS; its health is then checked at localhost:PORT, the
+        name its certificate must carry."""
         self.module = module
         self.log_path = log_path
+        self.health_credentials = health_credentials
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if cpus:
-            env["OMP_NUM_THREADS"] = str(len(cpus))
+        if threads or cpus:
+            env["OMP_NUM_THREADS"] = str(threads or len(cpus))
         self._log = open(log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", "0", *args],
@@ -60,13 +64,20 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text()
 
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
     def _wait_serving(self, timeout_s: float) -> str:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             match = LISTENING.search(self.log())
             if match:
                 address = f"127.0.0.1:{match.group(1)}"
-                with grpc.insecure_channel(address) as channel:
+                if self.health_credentials is None:
+                    channel = grpc.insecure_channel(address)
+                else:
+                    channel = grpc.secure_channel(f"localhost:{match.group(1)}", self.health_credentials)
+                with channel:
                     health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
                 return address
             if self.process.poll() is not None:
