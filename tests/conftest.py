@@ -30,54 +30,46 @@ def log_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("logs")
 
 
-@pytest.fixture(scope="session")
-def unrelated_draft(model_dirs, log_dir):
-    server = start_draft(model_dirs["unrelated_draft"], log_dir, "unrelated-draft")
+def _running(server):
+    """Serve a session-scoped server to the tests, then check it shut down cleanly (exit status 0)."""
     yield server
     assert server.stop() == 0, server.log()
+
+
+@pytest.fixture(scope="session")
+def unrelated_draft(model_dirs, log_dir):
+    yield from _running(start_draft(model_dirs["unrelated_draft"], log_dir, "unrelated-draft"))
 
 
 @pytest.fixture(scope="session")
 def self_draft(model_dirs, log_dir):
     """The target model serving as its own draft: every draft token is accepted under greedy decoding."""
-    server = start_draft(model_dirs["target"], log_dir, "self-draft")
-    yield server
-    assert server.stop() == 0, server.log()
+    yield from _running(start_draft(model_dirs["target"], log_dir, "self-draft"))
 
 
 @pytest.fixture(scope="session")
 def related_draft(model_dirs, log_dir):
-    server = start_draft(model_dirs["related_draft"], log_dir, "related-draft")
-    yield server
-    assert server.stop() == 0, server.log()
+    yield from _running(start_draft(model_dirs["related_draft"], log_dir, "related-draft"))
 
 
 @pytest.fixture(scope="session")
 def target_related(model_dirs, log_dir, related_draft):
-    server = start_target(model_dirs["target"], log_dir, "target-related", [related_draft.address])
-    yield server
-    assert server.stop() == 0, server.log()
+    yield from _running(start_target(model_dirs["target"], log_dir, "target-related", [related_draft.address]))
 
 
 @pytest.fixture(scope="session")
 def target_unrelated(model_dirs, log_dir, unrelated_draft):
-    server = start_target(model_dirs["target"], log_dir, "target-unrelated", [unrelated_draft.address])
-    yield server
-    assert server.stop() == 0, server.log()
+    yield from _running(start_target(model_dirs["target"], log_dir, "target-unrelated", [unrelated_draft.address]))
 
 
 @pytest.fixture(scope="session")
 def target_self(model_dirs, log_dir, self_draft):
-    server = start_target(model_dirs["target"], log_dir, "target-self", [self_draft.address])
-    yield server
-    assert server.stop() == 0, server.log()
+    yield from _running(start_target(model_dirs["target"], log_dir, "target-self", [self_draft.address]))
 
 
 @pytest.fixture(scope="session")
 def target_alone(model_dirs, log_dir):
-    server = start_target(model_dirs["target"], log_dir, "target-alone", [])
-    yield server
-    assert server.stop() == 0, server.log()
+    yield from _running(start_target(model_dirs["target"], log_dir, "target-alone", []))
 
 
 @pytest.fixture(scope="session")
