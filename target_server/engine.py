@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 import torch
 from prometheus_client import CollectorRegistry
 
-from splitspec.metrics import TargetMetrics
 from splitspec.kv_cache import CausalLMRunner, SequenceKV
+from splitspec.metrics import TargetMetrics
 from splitspec.models import Vocabulary
 from splitspec.protocol import CandidateBlock
 from splitspec.sampling import SamplingParams, densify, logits_to_probs, make_generator
@@ -117,9 +117,12 @@ class TargetEngine:
         self.draft_ahead = draft_ahead
         self.adaptive_block_size = adaptive_block_size
         self.speculation_backoff_running = speculation_backoff_running
-        self.live_sessions = 0
         # One model worker: requests interleave forward passes on it (batching them is a later step).
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-model")
+
+    @property
+    def live_sessions(self) -> int:
+        return self.admission.running
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -140,7 +143,6 @@ class TargetEngine:
                                   self.draft_ahead)
         sizer = BlockSizer(request.num_speculative_tokens, self.adaptive_block_size)
         generated: list[int] = []
-        self.live_sessions += 1
         try:
             await speculation.open(sequence.token_ids, self._next_block_size(request, sizer, 0))
             # The target caches the prompt while the draft drafts its first block.
@@ -204,7 +206,6 @@ class TargetEngine:
                     await speculation.send_verdict(block, verification,
                                                    self._next_block_size(request, sizer, len(generated)))
         finally:
-            self.live_sessions -= 1
             await speculation.close(cancel=True)
 
     def _next_block_size(self, request: GenerationRequest, sizer: BlockSizer, generated: int) -> int:
