@@ -64,11 +64,13 @@ class _Call:
         self.code = "OK"
         self.started = time.perf_counter()
 
-    def admit(self, request) -> None:
+    def admit(self, request, client_streaming: bool):
+        """Check the caller and the request; returns the request, its stream checked message by message."""
         if self.server.security is not None:
             self.server.security.authorize(self.context)
         if isinstance(request, MalformedRequest):
             raise request.as_error()
+        return _checked_stream(request) if client_streaming else request
 
     async def fail(self, exc: Exception) -> None:
         if isinstance(exc, grpc.aio.AbortError):
@@ -136,9 +138,7 @@ class GrpcServer:
             async def streaming(request, context):
                 call = _Call(self, name, context)
                 try:
-                    call.admit(request)
-                    if method.client_streaming:
-                        request = _checked_stream(request)
+                    request = call.admit(request, method.client_streaming)
                     async for response in implementation(request, context):
                         yield response
                 except (asyncio.CancelledError, GeneratorExit):
@@ -156,9 +156,7 @@ class GrpcServer:
             async def unary(request, context):
                 call = _Call(self, name, context)
                 try:
-                    call.admit(request)
-                    if method.client_streaming:
-                        request = _checked_stream(request)
+                    request = call.admit(request, method.client_streaming)
                     return await implementation(request, context)
                 except asyncio.CancelledError:
                     call.code = "CANCELLED"
