@@ -61,11 +61,22 @@ def test_prometheus_metrics_on_both_halves(model_dirs, log_dir, reference):
         assert metric(text, "splitspec:inter_token_latency_seconds_count") > 0
         assert metric(text, "splitspec:num_requests_running") == 0
         assert metric(text, "splitspec:generation_tokens_total") == 32
-        draft_text = scrape(draft)
+        # The draft ends its side of a session after the client has its answer: wait for the last one to close.
+        speculate = "/splitspec.v1.DraftService/Speculate"
+        deadline = time.monotonic() + 5
+        while True:
+            draft_text = scrape(draft)
+            try:
+                closed = (metric(draft_text, "splitspec:rpc_requests_total", method=speculate, code="OK") == 2
+                          and metric(draft_text, "splitspec:draft_live_sessions") == 0)
+            except KeyError:
+                closed = False
+            if closed or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert metric(draft_text, "splitspec:draft_blocks_total") >= result.stats.num_drafts
         assert metric(draft_text, "splitspec:draft_live_sessions") == 0
-        assert metric(draft_text, "splitspec:rpc_requests_total", method="/splitspec.v1.DraftService/Speculate",
-                      code="OK") >= 1
+        assert metric(draft_text, "splitspec:rpc_requests_total", method=speculate, code="OK") == 2
     finally:
         assert target.stop() == 0
         assert draft.stop() == 0
