@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.exit_when_stdin_closes:
         _exit_when_stdin_closes()
     from splitspec import topology
+    from splitspec.server_cli import batching_flags_problem
 
+    if batching_flags_problem(args):
+        print(f"splitspec-draft: error: {batching_flags_problem(args)}", file=sys.stderr)
+        return 2
     machine = topology.read_topology()
     try:
         plan = topology.plan_pinning(machine, args.cpus, args.numa_node, args.threads)
@@ -99,9 +103,8 @@ async def _serve(args, machine, pinning, isa, backend, dtype) -> int:
     from splitspec import models, topology
     from prometheus_client import CollectorRegistry
 
-    from splitspec.kv_cache import CausalLMRunner
     from splitspec.metrics import DraftMetrics
-    from splitspec.server_cli import build_server
+    from splitspec.server_cli import build_runner, build_server
 
     model = backend.optimize(models.load_causal_lm(args.model, torch.device("cpu"), dtype), dtype)
     vocabulary = models.vocabulary_of(model, models.load_tokenizer(args.model, required=False))
@@ -113,7 +116,8 @@ async def _serve(args, machine, pinning, isa, backend, dtype) -> int:
     )
     registry = CollectorRegistry()
     metrics = DraftMetrics(registry)
-    engine = DraftEngine(CausalLMRunner(model), vocabulary, limits, metrics)
+    engine = DraftEngine(build_runner(model, log), vocabulary, limits, metrics, max_batch_size=args.max_num_seqs,
+                         max_batch_tokens=args.max_num_batched_tokens)
     metrics.live_sessions.set_function(lambda: engine.live_sessions)
     description = DraftServerDescription(
         model=args.model,

@@ -1,23 +1,23 @@
 """Draft sessions: one KV cache per session, candidate blocks out, verdicts in.
 
-All model work runs on one worker thread: the draft owns its pinned CPUs, and one forward pass at a time using all
-of their threads beats several passes fighting over them.
+All model work runs on one worker thread (splitspec.batcher): the draft owns its pinned CPUs, and one forward pass
+at a time using all of their threads beats several passes fighting over them. Sessions drafting at the same time
+share those passes: each draft token is one row of a batch, the sessions' caches slots of one KV pool.
 """
 
-import asyncio
 import collections
-import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import logging
 import secrets
-import time
 
 import torch
 from prometheus_client import CollectorRegistry
 
 from splitspec.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from splitspec.kv_cache import CausalLMRunner, SequenceKV
+from splitspec.batcher import ForwardBatcher
+from splitspec.kv_cache import ForwardRow, SequenceKV
 from splitspec.metrics import DraftMetrics
 from splitspec.models import Vocabulary
 from splitspec.protocol import CandidateBlock, SessionStart, SparseDistribution, Verdict
@@ -65,42 +65,53 @@ class DraftSession:
         # the drafting step checks it against its guess (which the event loop may not know yet).
         self.pending_verdict: Verdict | None = None
 
-    def _next_token(self, runner: CausalLMRunner, draft_probs: list[SparseDistribution] | None) -> int | None:
-        """Feed the uncached tokens and choose the next one (greedy guess when `draft_probs` is None)."""
-        logits = runner.forward(self.sequence, self.sequence.uncached_token_ids(), logits_to_keep=1)[0]  # [vocab]
+    def _choose(self, draft_probs: list[SparseDistribution] | None, logits: torch.Tensor) -> int:
+        """Choose the next token from the draft's `logits # [1, vocab]` (the greedy guess when `draft_probs` is
+        None) and append it to the sequence. Runs on the model worker, right after the forward."""
+        logits = logits[0]  # [vocab]
         if self.sampling.greedy or draft_probs is None:
-            return int(torch.argmax(logits))
-        ids, probs = sparse_distribution(logits_to_probs(logits, self.sampling), self.limits.max_draft_support)
-        self.generator.manual_seed(hash((self.seed, len(self.sequence.token_ids))) & (2**63 - 1))
-        # Sample from exactly the compressed q that goes on the wire, so the target's test stays exact.
-        draft_probs.append(SparseDistribution(token_ids=ids, probs=probs))
-        return sample_sparse(ids, probs, self.generator)
+            token_id = int(torch.argmax(logits))
+        else:
+            ids, probs = sparse_distribution(logits_to_probs(logits, self.sampling), self.limits.max_draft_support)
+            self.generator.manual_seed(hash((self.seed, len(self.sequence.token_ids))) & (2**63 - 1))
+            # Sample from exactly the compressed q that goes on the wire, so the target's test stays exact.
+            draft_probs.append(SparseDistribution(token_ids=ids, probs=probs))
+            token_id = sample_sparse(ids, probs, self.generator)
+        self.sequence.token_ids.append(token_id)
+        return token_id
 
-    def draft_block(self, runner: CausalLMRunner, num_tokens: int, ahead: bool = False) -> CandidateBlock | None:
+    async def _next_token(self, batcher: ForwardBatcher,
+                          draft_probs: list[SparseDistribution] | None) -> tuple[int, int]:
+        """Feed the uncached tokens (in a batch with other sessions') and choose the next one; returns it and the
+        nanoseconds of the forward pass it ran in."""
+        row = ForwardRow(self.sequence, self.sequence.uncached_token_ids(), logits_to_keep=1)
+        token_id, forward_ns, _ = await batcher.run(row, functools.partial(self._choose, draft_probs))
+        return token_id, forward_ns
+
+    async def draft_block(self, batcher: ForwardBatcher, num_tokens: int, ahead: bool = False) -> CandidateBlock | None:
         """Extend the sequence by `num_tokens` draft tokens; the last one is not fed yet (its KV is not needed).
 
         `ahead`: first guess the target's next token (the draft's argmax after the open block), then draft after
         it. Returns None when abandoned midway (the verdict came and ruled the guess out).
         """
-        started = time.perf_counter_ns()
+        model_ns = 0  # in the forward passes this block's tokens ran in
         if ahead:
-            self.ahead_guess = self._next_token(runner, None)
-            self.sequence.token_ids.append(self.ahead_guess)
+            self.ahead_guess, model_ns = await self._next_token(batcher, None)
         start_position = len(self.sequence.token_ids)
         token_ids: list[int] = []
         draft_probs: list[SparseDistribution] = []
         for _ in range(num_tokens):
             if ahead and self.pending_verdict is not None and not self.keeps_ahead_block(self.pending_verdict):
                 return None
-            token_id = self._next_token(runner, draft_probs)
+            token_id, forward_ns = await self._next_token(batcher, draft_probs)
             token_ids.append(token_id)
-            self.sequence.token_ids.append(token_id)
+            model_ns += forward_ns
         block = CandidateBlock(
             block_index=self.next_block_index,
             start_position=start_position,
             token_ids=token_ids,
             draft_probs=draft_probs,
-            draft_ns=time.perf_counter_ns() - started,
+            draft_ns=model_ns,
             preceding_token_id=self.sequence.token_ids[start_position - 1],
             drafted_ahead=ahead,
         )
@@ -160,15 +171,17 @@ class DraftSession:
 
 
 class DraftEngine:
-    def __init__(self, runner: CausalLMRunner, vocabulary: Vocabulary, limits: DraftLimits,
-                 metrics: DraftMetrics | None = None):
+    def __init__(self, runner, vocabulary: Vocabulary, limits: DraftLimits, metrics: DraftMetrics | None = None,
+                 max_batch_size: int = 64, max_batch_tokens: int = 4096):
+        """`runner`: a kv_pool.BatchedCausalLMRunner (sessions share forward passes) or a kv_cache.CausalLMRunner."""
         self.runner = runner
         self.metrics = metrics or DraftMetrics(CollectorRegistry())
         self.vocabulary = vocabulary
         self.limits = limits
         self.sessions: dict[int, DraftSession] = {}
         self._session_ids = itertools.count(1)
-        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model")
+        self.batcher = ForwardBatcher(runner, max_batch_size, max_batch_tokens, self.metrics.batches.record_batch,
+                                      thread_name="draft-model")
 
     @property
     def live_sessions(self) -> int:
@@ -188,9 +201,6 @@ class DraftEngine:
         if len(self.sessions) >= self.limits.max_sessions:
             raise ResourceExhausted(f"draft server is at its limit of {self.limits.max_sessions} sessions")
 
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
-
     def _drafted(self, block: CandidateBlock | None) -> CandidateBlock | None:
         if block is not None:
             self.metrics.record_block(len(block.token_ids), block.draft_ns / 1e9)
@@ -205,18 +215,19 @@ class DraftEngine:
         self.sessions[session.session_id] = session
         log.info("session %d open (request %s, %d prompt tokens)", session.session_id, start.request_id,
                  len(start.prompt_token_ids), extra={"request_id": start.request_id})
-        return session, self._drafted(await self._run(session.draft_block, self.runner, start.num_speculative_tokens))
+        try:
+            return session, self._drafted(await session.draft_block(self.batcher, start.num_speculative_tokens))
+        except BaseException:
+            self.close_session(session)  # the caller never gets the session to close
+            raise
 
     async def step(self, session: DraftSession, verdict: Verdict) -> CandidateBlock | None:
-        """Apply a verdict; draft the next block when the verdict asks for one and no block drafted ahead stands."""
-
-        def apply_and_draft():
-            ahead_stands = session.apply_verdict(verdict, self.vocabulary.vocab_size)
-            if verdict.num_speculative_tokens == 0 or ahead_stands:
-                return None
-            return session.draft_block(self.runner, verdict.num_speculative_tokens)
-
-        return self._drafted(await self._run(apply_and_draft))
+        """Apply a verdict; draft the next block when the verdict asks for one and no block drafted ahead stands.
+        The session has no forward in flight: the block drafted ahead, if any, was awaited first."""
+        ahead_stands = session.apply_verdict(verdict, self.vocabulary.vocab_size)
+        if verdict.num_speculative_tokens == 0 or ahead_stands:
+            return None
+        return self._drafted(await session.draft_block(self.batcher, verdict.num_speculative_tokens))
 
     async def draft_ahead(self, session: DraftSession, num_tokens: int) -> CandidateBlock | None:
         """Draft the block after the newest open one, on the guess that it is fully accepted (None if abandoned)."""
@@ -224,12 +235,13 @@ class DraftEngine:
             return None
         if len(session.sequence.token_ids) + num_tokens + 1 > self.limits.max_context_tokens:
             return None
-        return self._drafted(await self._run(session.draft_block, self.runner, num_tokens, True))
+        return self._drafted(await session.draft_block(self.batcher, num_tokens, ahead=True))
 
     def close_session(self, session: DraftSession) -> None:
         if self.sessions.pop(session.session_id, None) is not None:
+            session.sequence.release()
             log.info("session %d closed after %d blocks", session.session_id, session.next_block_index,
                      extra={"request_id": session.request_id})
 
     def shutdown(self) -> None:
-        self._worker.shutdown(wait=False, cancel_futures=True)
+        self.batcher.shutdown()

@@ -5,6 +5,8 @@ the cache holds the KV entries of a prefix of `token_ids` (`cached_len` tokens).
 drops entries past that point (`DynamicCache.crop`), and the next forward feeds whatever tokens are not cached yet.
 """
 
+import dataclasses
+
 import torch
 from transformers import DynamicCache
 
@@ -13,6 +15,7 @@ class SequenceKV:
     def __init__(self, token_ids: list[int], config):
         self.token_ids = list(token_ids)
         self.cache = DynamicCache(config=config)
+        self.released = False
 
     @property
     def cached_len(self) -> int:
@@ -32,6 +35,20 @@ class SequenceKV:
         """Drop tokens (and their KV entries) past `length`."""
         del self.token_ids[length:]
         self.truncate_cache(length)
+
+    def release(self) -> None:
+        """The sequence runs no more forwards; its cache is freed with it (a pooled sequence gives its slot back)."""
+        self.released = True
+
+
+@dataclasses.dataclass
+class ForwardRow:
+    """One row of a batched forward: feed `token_ids` after the sequence's cached prefix, keep the last
+    `logits_to_keep` rows of logits."""
+
+    sequence: "SequenceKV"  # or a kv_pool.PooledSequence, with a runner of its kind
+    token_ids: list[int]
+    logits_to_keep: int
 
 
 class CausalLMRunner:
@@ -54,6 +71,13 @@ class CausalLMRunner:
         input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, n]
         output = self.model(input_ids=input_ids, cache=sequence.cache, use_cache=True, logits_to_keep=logits_to_keep)
         return output.logits[0].float()  # [logits_to_keep, vocab_size]
+
+    def forward_batch(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
+        """`forward` of each row, one after another: a DynamicCache per sequence cannot join a batch."""
+        return [self.forward(row.sequence, row.token_ids, row.logits_to_keep) for row in rows]
+
+    def free_unused_memory(self) -> None:
+        """Nothing to free: each sequence's cache goes with it."""
 
     def prefill(self, sequence: SequenceKV, upto: int) -> None:
         """Cache the KV entries of the first `upto` tokens (no logits needed)."""

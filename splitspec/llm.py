@@ -212,7 +212,7 @@ class LLM:
     def _start(self, tokenizer: str | None, cpu_draft_worker: bool, draft_cpus: list[int] | None,
                draft_numa_node: int | None) -> None:
         from splitspec import models
-        from splitspec.kv_cache import CausalLMRunner
+        from splitspec.kv_pool import runner_for
         from target_server.cli import build_parser
         from target_server.draft_pool import DraftPool
         from target_server.engine import TargetEngine
@@ -241,8 +241,11 @@ class LLM:
             if not endpoint.connected:
                 raise ValueError(f"speculative_model {self.speculative_model!r} cannot draft for {self.model!r}: "
                                  f"{endpoint.error}")
-        runtime.engine = TargetEngine(CausalLMRunner(target), self.tokenizer, vocabulary, runtime.pool,
-                                      build_parser().get_default("draft_timeout"))
+        defaults = build_parser()
+        runtime.engine = TargetEngine(runner_for(target)[0], self.tokenizer, vocabulary, runtime.pool,
+                                      defaults.get_default("draft_timeout"),
+                                      max_batch_size=defaults.get_default("max_num_seqs"),
+                                      max_batch_tokens=defaults.get_default("max_num_batched_tokens"))
         self._limits = Limits(vocab_size=vocabulary.vocab_size, max_context_tokens=models.max_context_tokens(target),
                               num_speculative_tokens=k, max_num_speculative_tokens=k)
 

@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 log = logging.getLogger(__name__)
 
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BATCH_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -25,6 +27,21 @@ class RpcMetrics:
     def observe(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()
         self.duration.labels(method).observe(seconds)
+
+
+class BatchMetrics:
+    """Sessions (rows) and tokens per forward pass of one model worker (splitspec.batcher)."""
+
+    def __init__(self, registry: CollectorRegistry, prefix: str, half: str):
+        self.batch_size = Histogram(f"splitspec:{prefix}batch_size", f"Sessions (rows) per {half} forward pass",
+                                    buckets=BATCH_SIZE_BUCKETS, registry=registry)
+        self.batch_tokens = Histogram(f"splitspec:{prefix}iteration_tokens_total",
+                                      f"Tokens fed per {half} forward pass, padding excluded",
+                                      buckets=BATCH_TOKENS_BUCKETS, registry=registry)
+
+    def record_batch(self, num_rows: int, num_tokens: int) -> None:
+        self.batch_size.observe(num_rows)
+        self.batch_tokens.observe(num_tokens)
 
 
 class TargetMetrics:
@@ -57,6 +74,7 @@ class TargetMetrics:
         self.draft_fallback_requests = Counter("splitspec:draft_fallback_requests",
                                                "Requests whose draft session failed at least once (they finished "
                                                "on another draft or on the target alone)", registry=registry)
+        self.batches = BatchMetrics(registry, "", "target")
 
     def record_block(self, num_draft_tokens: int, accepted_len: int) -> None:
         self.num_drafts.inc()
@@ -85,8 +103,10 @@ class DraftMetrics:
         self.live_sessions = Gauge("splitspec:draft_live_sessions", "Draft sessions open now", registry=registry)
         self.blocks = Counter("splitspec:draft_blocks", "Candidate blocks drafted", registry=registry)
         self.draft_tokens = Counter("splitspec:draft_tokens", "Draft tokens proposed", registry=registry)
-        self.block_time = Histogram("splitspec:draft_block_seconds", "Draft model time per candidate block",
-                                    buckets=LATENCY_BUCKETS_S, registry=registry)
+        self.block_time = Histogram("splitspec:draft_block_seconds",
+                                    "Draft model time per candidate block (its forward passes, which other "
+                                    "sessions' tokens may share)", buckets=LATENCY_BUCKETS_S, registry=registry)
+        self.batches = BatchMetrics(registry, "draft_", "draft")
 
     def record_block(self, num_tokens: int, seconds: float) -> None:
         self.blocks.inc()

@@ -1,4 +1,4 @@
-"""Command-line flags both servers share (listening, security, metrics, limits, logging, shutdown)."""
+"""Command-line flags both servers share (listening, security, metrics, limits, batching, logging, shutdown)."""
 
 import argparse
 
@@ -26,11 +26,32 @@ def add_common_flags(parser: argparse.ArgumentParser, default_port: int) -> None
                         help="Serve Prometheus metrics on http://--metrics-host:PORT/metrics (0 picks a free port). "
                              "Default: no metrics endpoint.")
     parser.add_argument("--metrics-host", default="0.0.0.0", help="Address of the metrics endpoint.")
+    parser.add_argument("--max-num-seqs", type=int, default=64,
+                        help="Most sessions in one forward pass of the model (continuous batching); 1 turns batching "
+                             "off.")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=4096,
+                        help="Most tokens, padding included, in one forward pass (a longer prompt still runs, alone).")
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="On SIGTERM: seconds in-flight requests get to finish (new ones get UNAVAILABLE).")
     parser.add_argument("--log-level", default="info", help="Logging level.")
     parser.add_argument("--log-format", default="text", choices=["text", "json"],
                         help="json: one object per line, with request_id, for log pipelines.")
+
+
+def batching_flags_problem(args) -> str | None:
+    if args.max_num_seqs < 1 or args.max_num_batched_tokens < 1:
+        return "--max-num-seqs and --max-num-batched-tokens must be at least 1"
+    return None
+
+
+def build_runner(model, log):
+    """The model's runner: batched over a KV pool when the model allows it (else one cache per session, logged)."""
+    from splitspec.kv_pool import runner_for
+
+    runner, problem = runner_for(model)
+    if problem:
+        log.warning("one session per forward pass: cannot batch this model (%s)", problem)
+    return runner
 
 
 def build_server(args, registry):

@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     from splitspec.grpc_server import configure_logging
 
     configure_logging(args.log_level, args.log_format)
+    from splitspec.server_cli import batching_flags_problem
+
+    if batching_flags_problem(args):
+        print(f"splitspec-target: error: {batching_flags_problem(args)}", file=sys.stderr)
+        return 2
     if not 0 <= args.num_speculative_tokens <= args.max_num_speculative_tokens:
         print("splitspec-target: error: --num-speculative-tokens must be in [0, --max-num-speculative-tokens]",
               file=sys.stderr)
@@ -94,10 +99,9 @@ async def _serve(args, device, dtype) -> int:
     from prometheus_client import CollectorRegistry
 
     from splitspec import models
-    from splitspec.kv_cache import CausalLMRunner
     from splitspec.metrics import TargetMetrics
     from splitspec.security import ClientSecurity
-    from splitspec.server_cli import build_server
+    from splitspec.server_cli import build_runner, build_server
     from target_server.admission import Admission
     from target_server.draft_pool import DraftPool
     from target_server.engine import TargetEngine
@@ -121,12 +125,13 @@ async def _serve(args, device, dtype) -> int:
                      max_backoff_s=args.draft_max_backoff, security=draft_security,
                      max_message_bytes=args.max_message_bytes)
     await pool.start()
-    engine = TargetEngine(CausalLMRunner(model), tokenizer, vocabulary, pool, args.draft_timeout,
+    engine = TargetEngine(build_runner(model, log), tokenizer, vocabulary, pool, args.draft_timeout,
                           max_draft_reopens=args.max_draft_reopens,
                           admission=Admission(args.max_concurrent_requests, args.max_waiting_requests),
                           metrics=TargetMetrics(registry), draft_ahead=args.draft_ahead,
                           adaptive_block_size=args.adaptive_num_speculative_tokens,
-                          speculation_backoff_running=args.speculation_backoff_running)
+                          speculation_backoff_running=args.speculation_backoff_running,
+                          max_batch_size=args.max_num_seqs, max_batch_tokens=args.max_num_batched_tokens)
     engine.metrics.num_requests_running.set_function(lambda: engine.admission.running)
     engine.metrics.num_requests_waiting.set_function(lambda: engine.admission.waiting)
     limits = Limits(

@@ -4,9 +4,8 @@ Invariant per session: the target's KV cache holds every sequence token but the 
 last token plus the k draft tokens in one forward pass, which scores all k draft tokens and the bonus position.
 """
 
-import asyncio
-import concurrent.futures
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -14,7 +13,8 @@ from collections.abc import AsyncIterator
 import torch
 from prometheus_client import CollectorRegistry
 
-from splitspec.kv_cache import CausalLMRunner, SequenceKV
+from splitspec.batcher import ForwardBatcher
+from splitspec.kv_cache import CausalLMRunner, ForwardRow, SequenceKV
 from splitspec.metrics import TargetMetrics
 from splitspec.models import Vocabulary
 from splitspec.protocol import CandidateBlock
@@ -65,6 +65,18 @@ class GenerationStats:
             self.num_accepted_tokens_per_pos[position] += 1
 
 
+@dataclasses.dataclass(frozen=True)
+class RoundTiming:
+    """One round's time, in nanoseconds; see RoundTiming in proto/splitspec/v1/target.proto."""
+
+    round_ns: int
+    draft_wait_ns: int
+    block_draft_ns: int
+    verify_ns: int
+    drafted_ahead: bool
+    batch_size: int
+
+
 @dataclasses.dataclass
 class GenerationUpdate:
     """Tokens accepted in one round and the text they add; the last update has finish_reason and stats."""
@@ -73,19 +85,21 @@ class GenerationUpdate:
     text: str
     finish_reason: str | None = None  # "length", "eos_token" or "stop_sequence"
     stats: GenerationStats | None = None
+    round_timing: RoundTiming | None = None
 
 
-def verify_block(runner: CausalLMRunner, sequence: SequenceKV, block: CandidateBlock | None,
-                 sampling: SamplingParams, generator: torch.Generator) -> tuple[Verification, int]:
-    """One target forward over [uncached tokens + draft tokens]; keeps the accepted prefix.
-
-    Returns the verification and the nanoseconds it took. With no block it is a plain decoding step.
-    """
-    started = time.perf_counter_ns()
+def verification_row(sequence: SequenceKV, block: CandidateBlock | None) -> ForwardRow:
+    """The forward a round needs: the uncached tokens plus the draft tokens, keeping logits for each draft token and
+    the bonus position. With no block it is a plain decoding step."""
     draft_token_ids = block.token_ids if block else []
-    start_position = len(sequence.token_ids)
-    fed = sequence.uncached_token_ids() + draft_token_ids
-    logits = runner.forward(sequence, fed, logits_to_keep=len(draft_token_ids) + 1)  # [k+1, vocab]
+    return ForwardRow(sequence, sequence.uncached_token_ids() + draft_token_ids, len(draft_token_ids) + 1)
+
+
+def finish_verification(sequence: SequenceKV, block: CandidateBlock | None, sampling: SamplingParams,
+                        generator: torch.Generator, logits: torch.Tensor) -> Verification:
+    """Verify the block against the target's `logits # [k+1, vocab]` from its `verification_row`; keep the accepted
+    prefix in the sequence and its cache."""
+    draft_token_ids = block.token_ids if block else []
     drafted = torch.tensor(draft_token_ids, dtype=torch.long, device=logits.device)  # [k]
     if sampling.greedy:
         verification = verify_greedy(logits, drafted)
@@ -96,8 +110,19 @@ def verify_block(runner: CausalLMRunner, sequence: SequenceKV, block: CandidateB
         ) if block else logits.new_zeros((0, vocab_size))  # [k, vocab]
         verification = verify_sampling(logits_to_probs(logits, sampling), draft_probs, drafted, generator)
     # KV entries of rejected draft tokens are stale: keep the sequence before the block plus the accepted ones.
+    start_position = len(sequence.token_ids)
     sequence.truncate_cache(start_position + verification.accepted_len)
     sequence.token_ids += draft_token_ids[: verification.accepted_len] + [verification.next_token_id]
+    return verification
+
+
+def verify_block(runner: CausalLMRunner, sequence: SequenceKV, block: CandidateBlock | None,
+                 sampling: SamplingParams, generator: torch.Generator) -> tuple[Verification, int]:
+    """One round on its own (no batching): returns the verification and the nanoseconds it took."""
+    started = time.perf_counter_ns()
+    row = verification_row(sequence, block)
+    logits = runner.forward(sequence, row.token_ids, row.logits_to_keep)
+    verification = finish_verification(sequence, block, sampling, generator, logits)
     return verification, time.perf_counter_ns() - started
 
 
@@ -105,7 +130,7 @@ class TargetEngine:
     def __init__(self, runner: CausalLMRunner, tokenizer, vocabulary: Vocabulary, pool: DraftPool,
                  draft_timeout_s: float, max_draft_reopens: int = 2, admission: Admission | None = None,
                  metrics: TargetMetrics | None = None, draft_ahead: bool = True, adaptive_block_size: bool = False,
-                 speculation_backoff_running: int = 0):
+                 speculation_backoff_running: int = 0, max_batch_size: int = 64, max_batch_tokens: int = 4096):
         self.runner = runner
         self.tokenizer = tokenizer
         self.vocabulary = vocabulary
@@ -117,15 +142,13 @@ class TargetEngine:
         self.draft_ahead = draft_ahead
         self.adaptive_block_size = adaptive_block_size
         self.speculation_backoff_running = speculation_backoff_running
-        # One model worker: requests interleave forward passes on it (batching them is a later step).
-        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-model")
+        # One model worker; the forwards that sessions wait on at once run as one batch (if the runner can batch).
+        self.batcher = ForwardBatcher(runner, max_batch_size, max_batch_tokens, self.metrics.batches.record_batch,
+                                      thread_name="target-model")
 
     @property
     def live_sessions(self) -> int:
         return self.admission.running
-
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationUpdate]:
         arrived = time.perf_counter_ns()
@@ -146,18 +169,21 @@ class TargetEngine:
         try:
             await speculation.open(sequence.token_ids, self._next_block_size(request, sizer, 0))
             # The target caches the prompt while the draft drafts its first block.
-            prefill_from = time.perf_counter_ns()
-            await self._run(self.runner.prefill, sequence, len(sequence.token_ids) - 1)
-            stats.verify_ns += time.perf_counter_ns() - prefill_from
+            if len(sequence.token_ids) > 1:
+                _, prefill_ns, _ = await self.batcher.run(ForwardRow(sequence, sequence.token_ids[:-1], 1))
+                stats.verify_ns += prefill_ns
             finish_reason = None
             last_update = arrived
+            round_started = time.perf_counter_ns()
             while finish_reason is None:
                 waited_from = time.perf_counter_ns()
                 block = await speculation.next_block(sequence.token_ids,
                                                      self._next_block_size(request, sizer, len(generated)))
-                stats.draft_wait_ns += time.perf_counter_ns() - waited_from
-                verification, verify_ns = await self._run(verify_block, self.runner, sequence, block, request.sampling,
-                                                          generator)
+                draft_wait_ns = time.perf_counter_ns() - waited_from
+                stats.draft_wait_ns += draft_wait_ns
+                verification, verify_ns, batch_size = await self.batcher.run(
+                    verification_row(sequence, block),
+                    functools.partial(finish_verification, sequence, block, request.sampling, generator))
                 stats.rounds += 1
                 stats.verify_ns += verify_ns
                 if block is not None:
@@ -186,6 +212,9 @@ class TargetEngine:
                 else:
                     self.metrics.record_inter_token(len(emitted), (now - last_update) / 1e9)
                 last_update = now
+                timing = RoundTiming(now - round_started, draft_wait_ns, block.draft_ns if block else 0, verify_ns,
+                                     bool(block and block.drafted_ahead), batch_size)
+                round_started = now
                 if finish_reason:
                     await speculation.close()
                     detokenizer.flush()
@@ -199,13 +228,15 @@ class TargetEngine:
                              stats.rounds, stats.acceptance_rate, stats.total_time_ns / 1e6,
                              f", fallback: {stats.fallback_reason}" if stats.fallback_reason else "",
                              extra={"request_id": request.request_id})
-                    yield GenerationUpdate(emitted, detokenizer.take_delta(final=True), finish_reason, stats)
+                    yield GenerationUpdate(emitted, detokenizer.take_delta(final=True), finish_reason, stats, timing)
                     return
-                yield GenerationUpdate(emitted, detokenizer.take_delta(final=False))
+                # The verdict goes first: the draft drafts the next block while the client is sent this one's tokens.
                 if block is not None:
                     await speculation.send_verdict(block, verification,
                                                    self._next_block_size(request, sizer, len(generated)))
+                yield GenerationUpdate(emitted, detokenizer.take_delta(final=False), round_timing=timing)
         finally:
+            sequence.release()
             await speculation.close(cancel=True)
 
     def _next_block_size(self, request: GenerationRequest, sizer: BlockSizer, generated: int) -> int:
@@ -213,4 +244,4 @@ class TargetEngine:
         return sizer.next_size(request.max_new_tokens - generated, cap)
 
     def shutdown(self) -> None:
-        self._worker.shutdown(wait=False, cancel_futures=True)
+        self.batcher.shutdown()

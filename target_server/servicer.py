@@ -1,5 +1,7 @@
 """TargetService: message -> domain object -> engine call -> message."""
 
+import dataclasses
+
 from splitspec_client.v1 import target_pb2, target_pb2_grpc
 
 from splitspec import wire
@@ -58,6 +60,8 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
     async def GenerateStream(self, message, context):
         async for update in self.engine.generate(self._request(message)):
             chunk = target_pb2.GenerateStreamResponse(token_ids=update.token_ids, text=update.text)
+            if update.round_timing is not None:
+                chunk.round_timing.CopyFrom(target_pb2.RoundTiming(**dataclasses.asdict(update.round_timing)))
             if update.finish_reason is not None:
                 chunk.finish_reason = FINISH_REASON_TO_PB[update.finish_reason]
                 chunk.stats.CopyFrom(stats_to_pb(update.stats))

@@ -4,6 +4,7 @@ error mapping, deadlines, the asyncio client and the CLI. The real servers are t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import subprocess
@@ -46,7 +47,8 @@ GENERATE_RESPONSE = target_pb2.GenerateResponse(
 )
 STREAM_RESPONSES = [
     target_pb2.GenerateStreamResponse(token_ids=[3681], text=" Paris"),
-    target_pb2.GenerateStreamResponse(token_ids=[13], text="."),
+    target_pb2.GenerateStreamResponse(token_ids=[13], text=".", round_timing=target_pb2.RoundTiming(
+        round_ns=9_000_000, draft_wait_ns=4_000_000, block_draft_ns=3_500_000, verify_ns=4_200_000, batch_size=3)),
     target_pb2.GenerateStreamResponse(token_ids=[2], finish_reason=target_pb2.FINISH_REASON_EOS_TOKEN, stats=STATS),
 ]
 INFO_RESPONSE = target_pb2.TargetInfoResponse(
@@ -229,12 +231,18 @@ def test_stream_yields_chunks_in_order_with_stats_on_the_last(client):
     assert all(chunk.finish_reason is None and chunk.stats is None for chunk in chunks[:-1])
     assert chunks[-1].finish_reason == "eos_token"
     assert chunks[-1].stats.generated_tokens == 3 and chunks[-1].stats.num_accepted_tokens_per_pos == (2, 1, 0, 0)
+    timing = chunks[1].round_timing
+    assert (timing.round_ns, timing.batch_size, timing.drafted_ahead) == (9_000_000, 3, False)
+    assert timing.overhead_ns == 9_000_000 - 4_200_000 - 3_500_000
+    assert dataclasses.replace(timing, drafted_ahead=True).overhead_ns == 9_000_000 - 4_200_000
+    assert chunks[0].round_timing is None
 
 
 def test_leaving_the_stream_cancels_the_server_call(fake, client):
     fake.hold_stream = True
     for chunk in client.stream("Once upon a time"):
-        assert chunk == StreamChunk(text=" Paris", token_ids=(3681,), finish_reason=None, stats=None)
+        assert chunk == StreamChunk(text=" Paris", token_ids=(3681,), finish_reason=None, stats=None,
+                                    round_timing=None)
         break
     assert fake.stream_cancelled.wait(3.0)
 

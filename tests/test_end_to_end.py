@@ -219,3 +219,20 @@ def test_draft_refuses_impossible_pinning(model_dirs):
                                 "--numa-node", "7"], capture_output=True, text=True, timeout=60)
     assert completed.returncode == 2
     assert "--numa-node 7: no such NUMA node" in completed.stderr
+
+
+def test_stream_chunks_say_where_each_round_spent_its_time(target_related, reference):
+    with Client(target_related.address, timeout=60) as client:
+        chunks = list(client.stream(PROMPTS[1], max_new_tokens=48, num_speculative_tokens=3, ignore_eos=True))
+    assert [t for c in chunks for t in c.token_ids] == reference(PROMPTS[1], 48)
+    timings = [chunk.round_timing for chunk in chunks]
+    stats = chunks[-1].stats
+    assert all(timing is not None for timing in timings) and len(timings) == stats.rounds
+    assert sum(t.draft_wait_ns for t in timings) == stats.draft_wait_ns
+    assert sum(t.verify_ns for t in timings) <= stats.verify_ns  # the stats also count the prefill
+    assert sum(t.drafted_ahead for t in timings) == stats.num_drafts_ahead
+    for timing in timings:
+        assert timing.round_ns >= timing.draft_wait_ns + timing.verify_ns > 0
+        assert timing.block_draft_ns > 0 and timing.batch_size == 1
+    # A block drafted after the previous verdict is waited for whole: the round holds its drafting.
+    assert all(t.overhead_ns >= 0 for t in timings[1:] if not t.drafted_ahead)

@@ -1,11 +1,9 @@
 """Operations with real processes: metrics, TLS / mutual TLS / bearer tokens, message limits, graceful shutdown."""
 
 import pathlib
-import re
 import signal
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -15,31 +13,13 @@ from splitspec_client import (Client, PermissionDeniedError, ResourceExhaustedEr
 from splitspec_client.v1 import draft_pb2, draft_pb2_grpc
 
 from certs import make_pki
+from scrape import METRICS_FLAGS, metric, scrape
 from servers import start_draft, start_target
 
 PROMPT = "The quick brown fox"
-METRICS_AT = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
-
-
-def scrape(server) -> str:
-    port = METRICS_AT.search(server.log()).group(1)
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return response.read().decode()
-
-
-def metric(text: str, name: str, **labels) -> float:
-    for line in text.splitlines():
-        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            rest = line[len(name):]
-            if rest.startswith((" ", "{")):
-                return float(line.rsplit(" ", 1)[1])
-    raise KeyError(f"{name} {labels} not in metrics")
-
-
 def test_prometheus_metrics_on_both_halves(model_dirs, log_dir, reference):
-    metrics_flags = ("--metrics-port", "0", "--metrics-host", "127.0.0.1")
-    draft = start_draft(model_dirs["related_draft"], log_dir, "metrics-draft", *metrics_flags)
-    target = start_target(model_dirs["target"], log_dir, "metrics-target", [draft.address], *metrics_flags)
+    draft = start_draft(model_dirs["related_draft"], log_dir, "metrics-draft", *METRICS_FLAGS)
+    target = start_target(model_dirs["target"], log_dir, "metrics-target", [draft.address], *METRICS_FLAGS)
     try:
         with Client(target.address, timeout=60) as client:
             result = client.generate(PROMPT, max_new_tokens=24, ignore_eos=True, num_speculative_tokens=3)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from draft_server.engine import DraftEngine, DraftLimits
 from splitspec import models
-from splitspec.kv_cache import CausalLMRunner
+from splitspec.kv_pool import BatchedCausalLMRunner
 from splitspec.protocol import SessionStart, Verdict
 from splitspec.sampling import SamplingParams, make_generator
 from target_server.engine import verify_block
@@ -25,10 +25,10 @@ PROMPT = [1, 17, 99, 230, 41]
 def _start_both_halves(model_dirs, draft_name, sampling, k, draft_ahead):
     """Both halves' real session objects, in this process: the draft's first block and the target's prefilled
     sequence."""
-    target = CausalLMRunner(_load(model_dirs["target"]))
+    target = BatchedCausalLMRunner(_load(model_dirs["target"]))
     draft_model = _load(model_dirs[draft_name])
     vocabulary = models.vocabulary_of(draft_model, None)
-    engine = DraftEngine(CausalLMRunner(draft_model), vocabulary,
+    engine = DraftEngine(BatchedCausalLMRunner(draft_model), vocabulary,
                          DraftLimits(max_num_speculative_tokens=8, max_context_tokens=512, max_draft_support=64,
                                      max_sessions=4))
     start = SessionStart(PROMPT, sampling, k, vocabulary, "rollback-test", draft_ahead)
@@ -62,7 +62,7 @@ def test_caches_match_rollback_to_after_every_verdict(model_dirs, draft_name, sa
         # Draft: cropped to rollback_to; after a fully accepted block its last draft token was never fed.
         assert session.sequence.cached_len == min(rollback_to, block.start_position + k - 1)
         assert session.sequence.token_ids == sequence.token_ids
-        block = session.draft_block(engine.runner, k)
+        block = asyncio.run(session.draft_block(engine.batcher, k))
     if draft_name == "target" and sampling.greedy:
         assert accepted_lens == [k] * 12
     else:
@@ -85,7 +85,7 @@ def test_draft_ahead_keeps_both_halves_in_step(model_dirs, draft_name, sampling)
     generator = make_generator(sampling.seed)
     used_ahead = 0
     for _ in range(12):
-        ahead = session.draft_block(engine.runner, k, ahead=True)
+        ahead = asyncio.run(session.draft_block(engine.batcher, k, ahead=True))
         assert ahead.start_position == block.start_position + k + 1 and ahead.drafted_ahead
         verification, _ = verify_block(target, sequence, block, sampling, generator)
         rollback_to = block.start_position + verification.accepted_len
@@ -100,7 +100,7 @@ def test_draft_ahead_keeps_both_halves_in_step(model_dirs, draft_name, sampling)
         else:
             assert session.sequence.token_ids == sequence.token_ids
             assert session.sequence.cached_len <= rollback_to
-            block = session.draft_block(engine.runner, k)
+            block = asyncio.run(session.draft_block(engine.batcher, k))
         assert (block.start_position, block.preceding_token_id) == (len(sequence.token_ids), sequence.token_ids[-1])
         assert sequence.cached_len == len(sequence.token_ids) - 1
     # The self-draft covers the guess-right branch, the related draft the rollback branch.

@@ -90,6 +90,30 @@ class GenerationResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class RoundTiming:
+    """Where the round that produced a chunk spent its time; see RoundTiming in proto/splitspec/v1/target.proto."""
+
+    round_ns: int
+    draft_wait_ns: int
+    block_draft_ns: int
+    verify_ns: int
+    drafted_ahead: bool
+    batch_size: int
+
+    @property
+    def overhead_ns(self) -> int:
+        """The round's time outside the draft's and the target's model work (gRPC, event loops, scheduling, the
+        target's bookkeeping). Exact for a block drafted after the previous verdict. A block drafted ahead overlapped
+        other work and counts none of its drafting; so does the first block, drafted while the target prefilled."""
+        draft_ns = 0 if self.drafted_ahead else self.block_draft_ns
+        return self.round_ns - self.verify_ns - draft_ns
+
+    @classmethod
+    def from_pb(cls, pb: target_pb2.RoundTiming) -> RoundTiming:
+        return _from_pb(cls, pb)
+
+
+@dataclasses.dataclass(frozen=True)
 class StreamChunk:
     """Tokens accepted since the previous chunk (`Client.stream`); only the last chunk has finish_reason and stats."""
 
@@ -97,11 +121,13 @@ class StreamChunk:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None
     stats: GenerationStats | None
+    round_timing: RoundTiming | None
 
     @classmethod
     def from_pb(cls, pb: target_pb2.GenerateStreamResponse) -> StreamChunk:
         stats = GenerationStats.from_pb(pb.stats) if pb.HasField("stats") else None
-        return _from_pb(cls, pb, finish_reason=_finish_reason(pb.finish_reason), stats=stats)
+        timing = RoundTiming.from_pb(pb.round_timing) if pb.HasField("round_timing") else None
+        return _from_pb(cls, pb, finish_reason=_finish_reason(pb.finish_reason), stats=stats, round_timing=timing)
 
 
 @dataclasses.dataclass(frozen=True)

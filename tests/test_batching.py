@@ -1,0 +1,210 @@
+"""Batched verification: many sessions' forwards in one pass over a shared KV pool, exactly as if each ran alone."""
+
+import asyncio
+import concurrent.futures
+import random
+import uuid
+
+import pytest
+import torch
+from splitspec_client import Client
+from transformers import MistralConfig, MistralForCausalLM
+
+from scrape import METRICS_FLAGS, metric, scrape
+from servers import start_target
+from splitspec import models
+from splitspec.batcher import ForwardBatcher, _Job
+from splitspec.kv_cache import CausalLMRunner, ForwardRow
+from splitspec.kv_pool import BatchedCausalLMRunner, KVPool, batching_problem, runner_for
+from splitspec.sampling import SamplingParams
+from target_server.draft_pool import DraftPool
+from target_server.engine import TargetEngine
+from target_server.request import GenerationRequest
+from tiny_models import build_llama
+
+PROMPTS = ["The quick brown fox", "def wrap(text, width=70):", "Beautiful is better than ugly.", "Now is better",
+           "import os", "Errors should never pass silently.", "class Wrapper:", "Flat is better than nested."]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_pooled_batches_match_one_dynamic_cache_per_sequence(attention):
+    """Ragged rows (different prefixes, different numbers of fed and kept tokens), random rollbacks, a pool that has
+    to grow in slots and length: every row's logits equal its own unbatched forward's."""
+    model = build_llama(seed=0)
+    model.config._attn_implementation = attention
+    alone = CausalLMRunner(model)
+    batched = BatchedCausalLMRunner(model, KVPool(model.config.num_hidden_layers, initial_slots=1,
+                                                  initial_capacity=8))
+    rng = random.Random(0)
+    pairs = []
+    for _ in range(6):
+        prompt = [rng.randrange(3, 384) for _ in range(rng.randrange(1, 40))]
+        pairs.append((alone.new_sequence(prompt), batched.new_sequence(prompt)))
+    rows_checked = largest_batch = 0
+    for _ in range(25):
+        rows, expected = [], []
+        for reference, pooled in pairs:
+            if rng.random() < 0.3:
+                continue  # not every session is ready at every step
+            new_tokens = [rng.randrange(3, 384) for _ in range(rng.randrange(1, 9))]
+            reference.token_ids += new_tokens
+            pooled.token_ids += new_tokens
+            fed = reference.uncached_token_ids()
+            assert pooled.uncached_token_ids() == fed
+            keep = rng.randrange(1, len(fed) + 1)
+            expected.append(alone.forward(reference, fed, keep))
+            rows.append(ForwardRow(pooled, fed, keep))
+        if not rows:
+            continue
+        for want, got in zip(expected, batched.forward_batch(rows)):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+        rows_checked += len(rows)
+        largest_batch = max(largest_batch, len(rows))
+        for reference, pooled in pairs:  # roll some back, as a verdict does
+            if rng.random() < 0.5:
+                keep_tokens = rng.randrange(1, reference.cached_len + 1)
+                reference.truncate(keep_tokens)
+                pooled.truncate(keep_tokens)
+                assert pooled.cached_len == reference.cached_len
+    assert rows_checked > 60 and largest_batch >= 5
+    keys = batched.pool.keys[0]
+    assert keys.shape[0] >= 6 and keys.shape[2] > 8  # grew from 1 slot of 8 positions
+
+
+def test_released_slots_are_reused():
+    model = build_llama(seed=0)
+    runner = BatchedCausalLMRunner(model)
+    first, second = runner.new_sequence([5, 6, 7]), runner.new_sequence([8, 9])
+    assert {first.slot, second.slot} == {0, 1} and runner.pool.slots_in_use == 2
+    slot = first.slot
+    first.release()
+    first.release()  # idempotent
+    assert runner.pool.slots_in_use == 1
+    third = runner.new_sequence([1])
+    assert third.slot == slot
+    with pytest.raises(ValueError, match="two rows"):
+        runner.forward_batch([ForwardRow(second, [8], 1), ForwardRow(second, [9], 1)])
+
+
+def test_models_that_cannot_take_a_4d_mask_fall_back_to_one_cache_per_sequence():
+    model = build_llama(seed=0)
+    assert batching_problem(model) is None
+    assert isinstance(runner_for(model)[0], BatchedCausalLMRunner)
+    model.config._attn_implementation = "flash_attention_2"
+    assert "flash_attention_2" in batching_problem(model)
+    sliding = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                               sliding_window=16))
+    runner, problem = runner_for(sliding)
+    assert isinstance(runner, CausalLMRunner) and "sliding-window" in problem
+    with pytest.raises(ValueError, match="cannot batch"):
+        BatchedCausalLMRunner(sliding)
+
+
+class _Sequence:
+    released = False
+
+
+def _queue_jobs(batcher: ForwardBatcher, loop, lengths: list[int]) -> list[asyncio.Future]:
+    """Jobs waiting in the batcher's queue, feeding `lengths` tokens each; their futures."""
+    futures = []
+    for length in lengths:
+        futures.append(loop.create_future())
+        batcher._queue.append(_Job(ForwardRow(_Sequence(), [1] * length, 1), None, futures[-1]))
+    return futures
+
+
+def test_a_batch_takes_the_oldest_then_what_fits_without_padding_most_of_it():
+    loop = asyncio.new_event_loop()
+    try:
+        batcher = ForwardBatcher(runner=None, max_batch_size=3, max_batch_tokens=64)
+        futures = _queue_jobs(batcher, loop, [5, 5, 40, 4, 5, 5, 3])
+        futures[1].cancel()  # a cancelled request's job is dropped, and that of a released sequence
+        batcher._queue[-1].row.sequence = type("Released", (), {"released": True})()
+        batch = batcher.take_batch()
+        # 5 (oldest), then 4 and 5 (40 would pad the batch to 3 x 40 > 64 tokens); the size limit stops it at 3.
+        assert [len(job.row.token_ids) for job in batch] == [5, 4, 5]
+        assert [len(job.row.token_ids) for job in batcher._queue] == [40, 5]
+        batch = batcher.take_batch()
+        # The oldest always runs: 40 alone, as 2 x 40 would be mostly padding.
+        assert [len(job.row.token_ids) for job in batch] == [40]
+        assert [len(job.row.token_ids) for job in batcher.take_batch()] == [5]
+        assert batcher.take_batch() == []
+        with pytest.raises(ValueError):
+            ForwardBatcher(runner=None, max_batch_size=0, max_batch_tokens=64)
+    finally:
+        loop.close()
+
+
+def test_concurrent_sessions_batch_and_decode_as_alone_and_cancelled_ones_free_their_slots(model_dirs, reference):
+    """The engine in this process, target-only (no draft): 8 sessions at once, 3 cancelled midway. The others equal
+    the target alone; forwards carried several sessions; every pool slot comes back."""
+    model = models.load_causal_lm(model_dirs["target"], torch.device("cpu"), torch.float32)
+    tokenizer = models.load_tokenizer(model_dirs["target"], required=True)
+    vocabulary = models.vocabulary_of(model, tokenizer)
+    runner = BatchedCausalLMRunner(model)
+
+    async def scenario():
+        pool = DraftPool([], vocabulary)
+        await pool.start()
+        engine = TargetEngine(runner, tokenizer, vocabulary, pool, draft_timeout_s=10)
+
+        async def generate(prompt):
+            request = GenerationRequest(str(uuid.uuid4()), tokenizer.encode(prompt), SamplingParams(), 32, (), True, 0)
+            token_ids = []
+            async for update in engine.generate(request):
+                token_ids += update.token_ids
+            return token_ids
+
+        tasks = [asyncio.create_task(generate(prompt)) for prompt in PROMPTS]
+        await asyncio.sleep(0.05)
+        for task in tasks[5:]:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        engine.shutdown()
+        await pool.close()
+        return results, engine
+
+    results, engine = asyncio.run(scenario())
+    for prompt, result in zip(PROMPTS[:5], results[:5]):
+        assert result == reference(prompt, 32), prompt
+    assert all(isinstance(result, asyncio.CancelledError) for result in results[5:])
+    assert runner.pool.slots_in_use == 0
+    batch_sizes = engine.metrics.batches.batch_size.collect()[0].samples
+    total = {s.name: s.value for s in batch_sizes}
+    assert total["splitspec:batch_size_sum"] / total["splitspec:batch_size_count"] > 2
+
+
+@pytest.fixture(scope="module")
+def batching_target(model_dirs, log_dir, related_draft):
+    target = start_target(model_dirs["target"], log_dir, "batching-target", [related_draft.address], *METRICS_FLAGS)
+    yield target
+    assert target.stop() == 0
+
+
+def _at_once(address, prompts, **params):
+    def run(prompt):
+        with Client(address, timeout=120) as client:
+            return list(client.generate(prompt, ignore_eos=True, **params).token_ids)
+
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(run, prompts))
+
+
+def test_eight_speculative_sessions_verified_together_equal_the_target_alone(batching_target, reference):
+    before = scrape(batching_target)
+    results = _at_once(batching_target.address, PROMPTS, max_new_tokens=40, num_speculative_tokens=3)
+    for prompt, token_ids in zip(PROMPTS, results):
+        assert token_ids == reference(prompt, 40), prompt
+    after = scrape(batching_target)
+    forwards = metric(after, "splitspec:batch_size_count") - metric(before, "splitspec:batch_size_count")
+    rows = metric(after, "splitspec:batch_size_sum") - metric(before, "splitspec:batch_size_sum")
+    assert rows / forwards > 1.5  # sessions really shared forward passes
+
+
+def test_seeded_sampling_is_the_same_batched_or_alone(batching_target):
+    params = dict(max_new_tokens=32, num_speculative_tokens=3, temperature=0.9, top_k=50, seed=7)
+    alone = [_at_once(batching_target.address, [prompt], **params)[0] for prompt in PROMPTS[:4]]
+    assert _at_once(batching_target.address, PROMPTS[:4], **params) == alone
