@@ -7,7 +7,6 @@ share those passes: each draft token is one row of a batch, the sessions' caches
 
 import collections
 import dataclasses
-import functools
 import itertools
 import logging
 import secrets
@@ -16,7 +15,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from splitspec.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from splitspec.batcher import ForwardBatcher
+from splitspec.batcher import Continue, ForwardBatcher
 from splitspec.kv_cache import ForwardRow, SequenceKV
 from splitspec.metrics import DraftMetrics
 from splitspec.models import Vocabulary
@@ -65,7 +64,7 @@ class DraftSession:
         # the drafting step checks it against its guess (which the event loop may not know yet).
         self.pending_verdict: Verdict | None = None
 
-    def _choose(self, draft_probs: list[SparseDistribution] | None, logits: torch.Tensor) -> int:
+    def choose_next_token(self, draft_probs: list[SparseDistribution] | None, logits: torch.Tensor) -> int:
         """Choose the next token from the draft's `logits # [1, vocab]` (the greedy guess when `draft_probs` is
         None) and append it to the sequence. Runs on the model worker, right after the forward."""
         logits = logits[0]  # [vocab]
@@ -80,39 +79,23 @@ class DraftSession:
         self.sequence.token_ids.append(token_id)
         return token_id
 
-    async def _next_token(self, batcher: ForwardBatcher,
-                          draft_probs: list[SparseDistribution] | None) -> tuple[int, int]:
-        """Feed the uncached tokens (in a batch with other sessions') and choose the next one; returns it and the
-        nanoseconds of the forward pass it ran in."""
-        row = ForwardRow(self.sequence, self.sequence.uncached_token_ids(), logits_to_keep=1)
-        token_id, forward_ns, _ = await batcher.run(row, functools.partial(self._choose, draft_probs))
-        return token_id, forward_ns
-
     async def draft_block(self, batcher: ForwardBatcher, num_tokens: int, ahead: bool = False) -> CandidateBlock | None:
         """Extend the sequence by `num_tokens` draft tokens; the last one is not fed yet (its KV is not needed).
 
         `ahead`: first guess the target's next token (the draft's argmax after the open block), then draft after
         it. Returns None when abandoned midway (the verdict came and ruled the guess out).
         """
-        model_ns = 0  # in the forward passes this block's tokens ran in
-        if ahead:
-            self.ahead_guess, model_ns = await self._next_token(batcher, None)
-        start_position = len(self.sequence.token_ids)
-        token_ids: list[int] = []
-        draft_probs: list[SparseDistribution] = []
-        for _ in range(num_tokens):
-            if ahead and self.pending_verdict is not None and not self.keeps_ahead_block(self.pending_verdict):
-                return None
-            token_id, forward_ns = await self._next_token(batcher, draft_probs)
-            token_ids.append(token_id)
-            model_ns += forward_ns
+        drafting = _BlockDrafting(self, num_tokens, ahead)
+        drafted, model_ns, _ = await batcher.run(drafting.row(), drafting.step)
+        if drafted is None:
+            return None
         block = CandidateBlock(
             block_index=self.next_block_index,
-            start_position=start_position,
-            token_ids=token_ids,
-            draft_probs=draft_probs,
+            start_position=drafting.start_position,
+            token_ids=drafting.token_ids,
+            draft_probs=drafting.draft_probs,
             draft_ns=model_ns,
-            preceding_token_id=self.sequence.token_ids[start_position - 1],
+            preceding_token_id=self.sequence.token_ids[drafting.start_position - 1],
             drafted_ahead=ahead,
         )
         self.next_block_index += 1
@@ -168,6 +151,41 @@ class DraftSession:
                 f"{field}: {num_tokens} draft tokens do not fit the draft model's context "
                 f"({self.limits.max_context_tokens} tokens, {len(self.sequence.token_ids)} used)"
             )
+
+
+class _BlockDrafting:
+    """One block's drafting on the model worker: a token per forward pass, each pass shared with other sessions'
+    tokens, the next token's forward queued at once (`Continue`) without a trip through the event loop."""
+
+    def __init__(self, session: DraftSession, num_tokens: int, ahead: bool):
+        self.session = session
+        self.num_tokens = num_tokens
+        self.ahead = ahead
+        self.guessing = ahead  # the first forward of a block drafted ahead guesses the target's next token
+        self.start_position = len(session.sequence.token_ids)
+        self.token_ids: list[int] = []
+        self.draft_probs: list[SparseDistribution] = []
+
+    def row(self) -> ForwardRow:
+        sequence = self.session.sequence
+        return ForwardRow(sequence, sequence.uncached_token_ids(), logits_to_keep=1)
+
+    def step(self, logits: torch.Tensor) -> "_BlockDrafting | Continue | None":
+        """After one forward: the finished drafting (self), the next forward, or None when abandoned."""
+        session = self.session
+        if self.guessing:
+            session.ahead_guess = session.choose_next_token(None, logits)
+            self.guessing = False
+            self.start_position = len(session.sequence.token_ids)
+        else:
+            self.token_ids.append(session.choose_next_token(self.draft_probs, logits))
+        if len(self.token_ids) == self.num_tokens:
+            return self
+        # The event loop sets pending_verdict when the verdict on the open block arrives meanwhile.
+        verdict = session.pending_verdict
+        if self.ahead and verdict is not None and not session.keeps_ahead_block(verdict):
+            return None
+        return Continue(self.row(), self.step)
 
 
 class DraftEngine:

@@ -2,19 +2,23 @@
 
 Continuous batching at the granularity of one forward pass (vLLM's and TGI's scheduling, without preemption):
 every session waiting on a forward when the worker comes free - on the target a prefill, the verification of a
-draft block or a plain decoding step; on the draft one draft token - joins the next batch, up to `max_batch_size` rows and `max_batch_tokens` padded tokens,
-and while padding stays under half of the batch's tokens (so a long prefill does not pad every verification to
-its length). The oldest waiting session is always in the next batch; nobody waits for a batch to fill.
+draft block or a plain decoding step; on the draft one draft token - joins the next batch, up to `max_batch_size`
+rows and `max_batch_tokens` padded tokens, and while padding stays under half of the batch's tokens (so a long
+prefill does not pad every verification to its length). The oldest waiting row is always in the next batch; nobody
+waits for a batch to fill.
 
 Each job carries a `finish` function, run on the worker thread with its row's logits right after the forward (the
-verification math; the choice of a draft token), which may update the session's sequence. A session has at most
-one job in flight.
+verification math; the choice of a draft token), which may update the session's sequence. `finish` may return
+`Continue(row, finish)` to feed the sequence again: the job stays on the worker and joins the next batch without a
+trip through the event loop (the draft's k steps of one block). A session has at most one job in flight.
+
+The worker thread owns the queue and the scheduling; the event loop only hands jobs over and receives results.
 """
 
 import asyncio
 import collections
-import concurrent.futures
 import dataclasses
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,43 +29,57 @@ from splitspec.kv_cache import ForwardRow
 
 
 @dataclasses.dataclass
+class Continue:
+    """What a job's `finish` returns to run its sequence's next forward at once, on the worker."""
+
+    row: ForwardRow
+    finish: Callable[[torch.Tensor], Any]
+
+
+@dataclasses.dataclass
 class _Job:
     row: ForwardRow
     finish: Callable[[torch.Tensor], Any] | None
     future: asyncio.Future
+    forward_ns: int = 0  # summed over the job's forwards
 
-
-@dataclasses.dataclass
-class _Done:
-    result: Any = None
-    error: BaseException | None = None
+    def cancelled(self) -> bool:
+        # Read from the worker thread: a plain attribute read of the future's state, as good as a flag.
+        return self.future.done() or self.row.sequence.released
 
 
 class ForwardBatcher:
     def __init__(self, runner, max_batch_size: int, max_batch_tokens: int,
                  on_batch: Callable[[int, int], None] | None = None, thread_name: str = "model"):
         """`runner`: a kv_pool.BatchedCausalLMRunner, or a kv_cache.CausalLMRunner (rows one after another).
-        `on_batch(rows, tokens)` is told each forward's size."""
+        `on_batch(rows, tokens)` is told each forward's size (on the worker thread)."""
         if max_batch_size < 1 or max_batch_tokens < 1:
             raise ValueError("max_batch_size and max_batch_tokens must be positive")
         self.runner = runner
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.on_batch = on_batch
-        self._queue: collections.deque[_Job] = collections.deque()
-        self._wakeup: asyncio.Event | None = None
-        self._serving: asyncio.Task | None = None
-        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        self.thread_name = thread_name
+        self._handed_over: collections.deque[_Job] = collections.deque()  # appended by event loops
+        self._queue: collections.deque[_Job] = collections.deque()  # the worker's
+        self._work = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     async def run(self, row: ForwardRow, finish: Callable[[torch.Tensor], Any] | None = None) -> tuple[Any, int, int]:
-        """Run `row` in the next batch that takes it; returns what `finish(logits)` returned (None without finish),
-        the nanoseconds its batch took and the batch's number of rows."""
-        if self._serving is None or self._serving.done():
-            self._wakeup = asyncio.Event()
-            self._serving = asyncio.get_running_loop().create_task(self._serve(), name="batcher")
+        """Run `row` in the next batch that takes it (and the rows its `finish` continues with); returns what the
+        last `finish` returned (None without finish), the nanoseconds of the forward passes it ran in and the
+        number of rows of the last one."""
+        if self._stopping:
+            raise RuntimeError("the model worker is shut down")
         job = _Job(row, finish, asyncio.get_running_loop().create_future())
-        self._queue.append(job)
-        self._wakeup.set()
+        self._handed_over.append(job)
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name=self.thread_name, daemon=True)
+                self._thread.start()
+        self._work.set()
         return await job.future
 
     def take_batch(self) -> list[_Job]:
@@ -70,7 +88,7 @@ class ForwardBatcher:
         columns = real_tokens = 0
         while self._queue:
             job = self._queue.popleft()
-            if job.future.done() or job.row.sequence.released:
+            if job.cancelled():
                 continue  # its request was cancelled while it waited
             width, real = max(columns, len(job.row.token_ids)), real_tokens + len(job.row.token_ids)
             padded = width * (len(batch) + 1)
@@ -82,51 +100,82 @@ class ForwardBatcher:
         self._queue = left
         return batch
 
-    async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue:
-                # No forward runs while the batcher waits: the one moment the runner may free its memory.
-                self.runner.free_unused_memory()
-                self._wakeup.clear()
-                await self._wakeup.wait()
+    def _serve(self) -> None:
+        """The worker thread: batch, run, deliver; continuing jobs go to the front of the queue."""
+        try:
+            self._serve_until_stopped()
+        finally:
+            for queue in (self._handed_over, self._queue):
+                while queue:
+                    future = queue.popleft().future
+                    self._settle_threadsafe(future, future.cancel)
+
+    def _serve_until_stopped(self) -> None:
+        while not self._stopping:
+            while self._handed_over:
+                self._queue.append(self._handed_over.popleft())
             batch = self.take_batch()
             if not batch:
+                # No forward runs now: the one moment the runner may free its memory.
+                self.runner.free_unused_memory()
+                self._work.wait()
+                self._work.clear()
                 continue
             started = time.perf_counter_ns()
-            outcomes = await loop.run_in_executor(self._worker, self._step, batch)
+            outcomes = self._step(batch)
             elapsed = time.perf_counter_ns() - started
             if self.on_batch is not None:
                 self.on_batch(len(batch), sum(len(job.row.token_ids) for job in batch))
-            for job, outcome in zip(batch, outcomes):
-                if job.future.done():
-                    continue  # cancelled while its batch ran: what the batch did to its sequence is dropped with it
-                if outcome.error is not None:
-                    job.future.set_exception(outcome.error)
+            continuing = []
+            for job, (result, error) in zip(batch, outcomes):
+                job.forward_ns += elapsed
+                if isinstance(result, Continue):
+                    job.row, job.finish = result.row, result.finish
+                    continuing.append(job)
                 else:
-                    job.future.set_result((outcome.result, elapsed, len(batch)))
+                    self._deliver(job, result, error, len(batch))
+            self._queue.extendleft(reversed(continuing))
 
-    def _step(self, batch: list[_Job]) -> list[_Done]:
-        """On the model worker: one forward over the batch, then each job's finish."""
+    def _step(self, batch: list[_Job]) -> list[tuple[Any, BaseException | None]]:
+        """One forward over the batch, then each job's finish."""
         try:
             logits = self.runner.forward_batch([job.row for job in batch])
         except Exception as exc:  # noqa: BLE001 (every job of the batch gets the error)
-            return [_Done(error=exc) for _ in batch]
+            return [(None, exc) for _ in batch]
         outcomes = []
         for job, row_logits in zip(batch, logits):
             try:
-                outcomes.append(_Done(result=job.finish(row_logits) if job.finish else None))
+                outcomes.append((job.finish(row_logits) if job.finish else None, None))
             except Exception as exc:  # noqa: BLE001 (one job's error is its own)
-                outcomes.append(_Done(error=exc))
+                outcomes.append((None, exc))
         return outcomes
 
-    def shutdown(self) -> None:
-        """Stop serving and cancel the waiting jobs; callable from any thread."""
-        if self._serving is not None and not self._serving.get_loop().is_closed():
-            self._serving.get_loop().call_soon_threadsafe(self._cancel_all)
-        self._worker.shutdown(wait=False, cancel_futures=True)
+    @staticmethod
+    def _deliver(job: _Job, result: Any, error: BaseException | None, batch_size: int) -> None:
+        def settle():
+            if job.future.done():
+                return  # cancelled while its batch ran: what the batch did to its sequence is dropped with it
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result((result, job.forward_ns, batch_size))
 
-    def _cancel_all(self) -> None:
-        self._serving.cancel()
-        while self._queue:
-            self._queue.popleft().future.cancel()
+        ForwardBatcher._settle_threadsafe(job.future, settle)
+
+    @staticmethod
+    def _settle_threadsafe(future: asyncio.Future, settle: Callable[[], Any]) -> None:
+        """Run `settle` on the future's event loop, unless that loop is gone (its awaiter with it)."""
+        try:
+            future.get_loop().call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop is closed
+            pass
+
+    def shutdown(self) -> None:
+        """Stop the worker after its current forward; it cancels the jobs still waiting. Callable from any thread."""
+        self._stopping = True
+        self._work.set()
+        with self._lock:
+            if self._thread is None:  # never started: nothing else will cancel what was handed over
+                while self._handed_over:
+                    future = self._handed_over.popleft().future
+                    self._settle_threadsafe(future, future.cancel)

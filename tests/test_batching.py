@@ -11,7 +11,7 @@ from splitspec_client import Client
 from transformers import MistralConfig, MistralForCausalLM
 
 from scrape import METRICS_FLAGS, metric, scrape
-from servers import start_target
+from servers import start_draft, start_target
 from splitspec import models
 from splitspec.batcher import ForwardBatcher, _Job
 from splitspec.kv_cache import CausalLMRunner, ForwardRow
@@ -178,10 +178,24 @@ def test_concurrent_sessions_batch_and_decode_as_alone_and_cancelled_ones_free_t
 
 
 @pytest.fixture(scope="module")
-def batching_target(model_dirs, log_dir, related_draft):
-    target = start_target(model_dirs["target"], log_dir, "batching-target", [related_draft.address], *METRICS_FLAGS)
+def batching_draft(model_dirs, log_dir):
+    draft = start_draft(model_dirs["related_draft"], log_dir, "batching-draft", *METRICS_FLAGS)
+    yield draft
+    assert draft.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def batching_target(model_dirs, log_dir, batching_draft):
+    target = start_target(model_dirs["target"], log_dir, "batching-target", [batching_draft.address], *METRICS_FLAGS)
     yield target
     assert target.stop() == 0
+
+
+def _mean_batch(server, before: str, name: str) -> float:
+    """Rows per forward pass since the scrape `before`."""
+    after = scrape(server)
+    forwards = metric(after, f"{name}_count") - metric(before, f"{name}_count")
+    return (metric(after, f"{name}_sum") - metric(before, f"{name}_sum")) / forwards
 
 
 def _at_once(address, prompts, **params):
@@ -193,15 +207,15 @@ def _at_once(address, prompts, **params):
         return list(pool.map(run, prompts))
 
 
-def test_eight_speculative_sessions_verified_together_equal_the_target_alone(batching_target, reference):
-    before = scrape(batching_target)
+def test_eight_speculative_sessions_verified_together_equal_the_target_alone(batching_target, batching_draft,
+                                                                             reference):
+    target_before, draft_before = scrape(batching_target), scrape(batching_draft)
     results = _at_once(batching_target.address, PROMPTS, max_new_tokens=40, num_speculative_tokens=3)
     for prompt, token_ids in zip(PROMPTS, results):
         assert token_ids == reference(prompt, 40), prompt
-    after = scrape(batching_target)
-    forwards = metric(after, "splitspec:batch_size_count") - metric(before, "splitspec:batch_size_count")
-    rows = metric(after, "splitspec:batch_size_sum") - metric(before, "splitspec:batch_size_sum")
-    assert rows / forwards > 1.5  # sessions really shared forward passes
+    # Sessions really shared forward passes, on both halves.
+    assert _mean_batch(batching_target, target_before, "splitspec:batch_size") > 1.5
+    assert _mean_batch(batching_draft, draft_before, "splitspec:draft_batch_size") > 1.5
 
 
 def test_seeded_sampling_is_the_same_batched_or_alone(batching_target):

@@ -20,6 +20,7 @@ import pathlib
 import threading
 import time
 
+import numpy as np
 from splitspec_client import Client
 
 from splitspec import launch
@@ -133,6 +134,10 @@ def pipelining_row(k: int, pipelined: runs.Run, sequential: runs.Run, baseline: 
         "sequential_drafted_ahead": _drafted_ahead(sequential),
         "pipelined_alpha": round(pipelined.alpha, 4),
         "sequential_alpha": round(sequential.alpha, 4),
+        # Exact there: every block of the sequential run is drafted after the verdict it follows.
+        "sequential_overhead_p50_ms": round(float(np.percentile(sequential.round_overhead_ns, 50)) / 1e6, 3),
+        "sequential_overhead_p95_ms": round(float(np.percentile(sequential.round_overhead_ns, 95)) / 1e6, 3),
+        "pipelined_overhead_p50_ms": round(float(np.percentile(pipelined.round_overhead_ns, 50)) / 1e6, 3),
         "same_tokens_as_baseline": pipelined.token_ids == sequential.token_ids == baseline.token_ids,
         "fallbacks": len(pipelined.fallback_reasons) + len(sequential.fallback_reasons),
     }
@@ -158,7 +163,8 @@ def adaptive_row(k: int, adaptive: runs.Run, fixed: runs.Run, baseline: runs.Run
 
 
 def run_concurrent(address: str, prompts: list[list[int]], max_new_tokens: int, k: int) -> dict:
-    """Every prompt at once, one thread and one channel each; wall time from the common start to the last finish."""
+    """Every prompt at once, one thread and one channel each; wall time from the common start to the last finish.
+    Streamed, for each round's batch size (how many sessions shared its target forward pass)."""
     results: list = [None] * len(prompts)
     errors: list[BaseException] = []
     barrier = threading.Barrier(len(prompts) + 1)
@@ -167,8 +173,8 @@ def run_concurrent(address: str, prompts: list[list[int]], max_new_tokens: int, 
     def stream(index: int) -> None:
         try:
             barrier.wait()
-            results[index] = clients[index].generate(prompts[index], max_new_tokens=max_new_tokens,
-                                                     num_speculative_tokens=k, ignore_eos=True)
+            results[index] = list(clients[index].stream(prompts[index], max_new_tokens=max_new_tokens,
+                                                        num_speculative_tokens=k, ignore_eos=True))
         except BaseException as exc:  # re-raised below, in the caller's thread
             errors.append(exc)
 
@@ -186,13 +192,17 @@ def run_concurrent(address: str, prompts: list[list[int]], max_new_tokens: int, 
             client.close()
     if errors:
         raise errors[0]
+    token_ids = [tuple(t for chunk in chunks for t in chunk.token_ids) for chunks in results]
+    stats = [chunks[-1].stats for chunks in results]
+    batch_sizes = [chunk.round_timing.batch_size for chunks in results for chunk in chunks]
     return {
         "wall_ns": wall_ns,
-        "generated_tokens": sum(len(result.token_ids) for result in results),
-        "token_ids": [tuple(result.token_ids) for result in results],
-        "num_drafts": sum(result.stats.num_drafts for result in results),
-        "num_drafts_ahead": sum(result.stats.num_drafts_ahead for result in results),
-        "fallbacks": sum(bool(result.stats.fallback_reason) for result in results),
+        "generated_tokens": sum(len(ids) for ids in token_ids),
+        "token_ids": token_ids,
+        "num_drafts": sum(s.num_drafts for s in stats),
+        "num_drafts_ahead": sum(s.num_drafts_ahead for s in stats),
+        "fallbacks": sum(bool(s.fallback_reason) for s in stats),
+        "mean_batch_size": sum(batch_sizes) / len(batch_sizes),
     }
 
 
@@ -208,6 +218,9 @@ def concurrency_row(streams: int, spec: dict, alone: dict, first: dict | None) -
         "over_one_stream": round(tokens_per_s / first["tokens_per_s"], 3),
         "target_only_over_one_stream": round(target_only / first["target_only_tokens_per_s"], 3),
         "drafted_ahead": round(spec["num_drafts_ahead"] / max(1, spec["num_drafts"]), 3),
+        # per round: sessions in the target forward pass that verified it
+        "mean_batch_size": round(spec["mean_batch_size"], 2),
+        "target_only_mean_batch_size": round(alone["mean_batch_size"], 2),
         "same_tokens_as_baseline": spec["token_ids"] == alone["token_ids"],
         "fallbacks": spec["fallbacks"],
     }
@@ -218,27 +231,30 @@ def table(modes: dict) -> str:
     config = modes["config"]
     lines = [f"modes at alpha knob {config['acceptance_knob']:.2f}, {config['prompts']} prompt(s) x "
              f"{config['max_new_tokens']} tokens; target-only {modes['target_only_tokens_per_s']:.1f} tok/s", "",
-             "| mode | k | tok/s | speedup | ratio | blocks drafted ahead | mean block |",
-             "|---|---|---|---|---|---|---|"]
+             "| mode | k | tok/s | speedup | ratio | blocks drafted ahead | mean block | overhead p50 ms/round |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in modes["pipelining"]:
         lines.append(f"| pipelined (--draft-ahead) | {row['k']} | {row['pipelined_tokens_per_s']:.1f} | "
                      f"{row['pipelined_speedup']:.2f}x | {row['pipelined_over_sequential']:.2f}x sequential | "
-                     f"{row['drafted_ahead']:.0%} ({row['num_drafts_ahead']}/{row['num_drafts']}) | - |")
+                     f"{row['drafted_ahead']:.0%} ({row['num_drafts_ahead']}/{row['num_drafts']}) | - | "
+                     f"<= {row['pipelined_overhead_p50_ms']:.2f} |")
         lines.append(f"| sequential (--no-draft-ahead) | {row['k']} | {row['sequential_tokens_per_s']:.1f} | "
-                     f"{row['sequential_speedup']:.2f}x | 1.00x | {row['sequential_drafted_ahead']:.0%} | - |")
+                     f"{row['sequential_speedup']:.2f}x | 1.00x | {row['sequential_drafted_ahead']:.0%} | - | "
+                     f"{row['sequential_overhead_p50_ms']:.2f} |")
     row = modes["adaptive"]
     lines.append(f"| adaptive k (--adaptive-num-speculative-tokens) | <= {row['k']} | "
                  f"{row['adaptive_tokens_per_s']:.1f} | {row['adaptive_speedup']:.2f}x | "
                  f"{row['adaptive_over_fixed']:.2f}x fixed | {row['adaptive_drafted_ahead']:.0%} | "
-                 f"{row['adaptive_mean_block']:.1f} |")
+                 f"{row['adaptive_mean_block']:.1f} | - |")
     lines.append(f"| fixed k | {row['k']} | {row['fixed_tokens_per_s']:.1f} | {row['fixed_speedup']:.2f}x | 1.00x | "
-                 f"- | {row['fixed_mean_block']:.1f} |")
+                 f"- | {row['fixed_mean_block']:.1f} | - |")
     lines += ["", f"concurrent streams, {config['stream_tokens']} tokens each, k={config['k']}, draft-ahead on:", "",
-              "| streams | splitspec tok/s (aggregate) | x one stream | target-only tok/s (aggregate) | x one stream | "
-              "splitspec / target-only |",
-              "|---|---|---|---|---|---|"]
+              "| streams | splitspec tok/s (aggregate) | x one stream | sessions per target forward | "
+              "target-only tok/s (aggregate) | x one stream | sessions per forward | splitspec / target-only |",
+              "|---|---|---|---|---|---|---|---|"]
     for row in modes["concurrency"]:
         lines.append(f"| {row['streams']} | {row['tokens_per_s']:.1f} | {row['over_one_stream']:.2f}x | "
-                     f"{row['target_only_tokens_per_s']:.1f} | {row['target_only_over_one_stream']:.2f}x | "
+                     f"{row['mean_batch_size']:.1f} | {row['target_only_tokens_per_s']:.1f} | "
+                     f"{row['target_only_over_one_stream']:.2f}x | {row['target_only_mean_batch_size']:.1f} | "
                      f"{row['speedup']:.2f}x |")
     return "\n".join(lines)

@@ -4,11 +4,10 @@ Units: c (one draft step) and v(k) (one verify forward over k+1 positions) are i
   ideal            - Leviathan et al.'s E(alpha, k) / (k*c + v(k)): draft, then verify, nothing else.
   ideal overlapped - E(alpha, k) / max(v(k), k*c): drafting hidden behind verification, the bound that drafting
                      ahead (the target's default) works towards.
-  overhead         - per round: the round's wall time (between two chunks of the client's stream) minus its
-                     verify compute minus the draft compute the target waited for (gRPC, both event loops,
-                     scheduling). The target's stats carry totals only, so a round's verify time is its request's
-                     mean, and its waited draft compute is the request's mean number of draft tokens per round
-                     outside blocks drafted ahead, times the draft step measured in this process.
+  overhead         - per round, from the RoundTiming the target streams with each chunk: the round's time minus its
+                     verify forward minus the draft's compute for the block it waited for (gRPC, both event loops,
+                     scheduling, bookkeeping). Exact for blocks drafted after the verdict; for a block drafted
+                     ahead none of its drafting is subtracted, so the figure is an upper bound there.
 """
 
 import json
@@ -24,16 +23,13 @@ def _ms(ns: float) -> float:
     return round(ns / 1e6, 3)
 
 
-def round_breakdown(run: Run, draft_step_ns: float) -> dict:
+def round_breakdown(run: Run) -> dict:
     """Where a round's time goes, in ms: means, and the overhead's p50/p95."""
-    wall = np.array(run.round_wall_ns, dtype=float)
-    draft = np.array(run.round_waited_draft_tokens, dtype=float) * draft_step_ns
-    verify = np.array(run.round_verify_ns, dtype=float)
-    overhead = wall - draft - verify
+    overhead = np.array(run.round_overhead_ns, dtype=float)
     return {
-        "round_wall_ms": _ms(wall.mean()),
-        "draft_compute_ms": _ms(draft.mean()),
-        "verify_compute_ms": _ms(verify.mean()),
+        "round_wall_ms": _ms(np.mean(run.round_ns)),
+        "draft_compute_ms": _ms(np.mean(run.round_waited_draft_ns)),
+        "verify_compute_ms": _ms(np.mean(run.round_verify_ns)),
         "draft_wait_ms": _ms(run.draft_wait_ns / run.rounds),
         "overhead_ms": _ms(overhead.mean()),
         "overhead_p50_ms": _ms(np.percentile(overhead, 50)),
@@ -70,7 +66,7 @@ def speculative_row(acceptance: float, pair_alpha: float, k: int, run: Run, base
         "drafted_ahead": round(run.num_drafts_ahead / max(1, run.num_drafts), 3),  # share of blocks verified
         "same_tokens_as_baseline": run.token_ids == baseline.token_ids,
         "fallbacks": len(run.fallback_reasons),
-        **round_breakdown(run, draft_step_ns),
+        **round_breakdown(run),
     }
     if hf_target is not None and hf_assisted is not None:
         row["hf_assisted_tokens_per_s"] = round(hf_assisted.tokens_per_s, 2)
@@ -85,7 +81,7 @@ def baseline_row(acceptance: float, baseline: Run, draft_step_ns: float) -> dict
         "tokens_per_s": round(baseline.tokens_per_s, 2),
         "target_step_ms": _ms(baseline.verify_ns / baseline.rounds),
         "draft_step_ms": _ms(draft_step_ns),
-        **round_breakdown(baseline, draft_step_ns),
+        **round_breakdown(baseline),
     }
 
 

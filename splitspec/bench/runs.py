@@ -4,8 +4,8 @@
                  with num_speculative_tokens = 0 it is the baseline, target-only autoregressive decoding.
   hf           - Hugging Face `generate` in this process: target alone, or assisted generation
                  (`assistant_model=`) with the same draft and a constant k.
-  draft step   - one draft forward in this process, on the draft server's CPUs and thread count: the only compute
-                 the target's stats do not carry.
+  draft step   - one draft forward in this process, on the draft server's CPUs and thread count (c, the draft's
+                 cost in target steps).
 """
 
 import contextlib
@@ -18,7 +18,7 @@ import torch
 from splitspec_client import Client
 
 from splitspec import models
-from splitspec.kv_cache import CausalLMRunner
+from splitspec.kv_pool import runner_for
 
 
 @dataclasses.dataclass
@@ -38,11 +38,24 @@ class Run:
     verify_ns: int = 0
     draft_wait_ns: int = 0
     fallback_reasons: list[str] = dataclasses.field(default_factory=list)
-    round_wall_ns: list[int] = dataclasses.field(default_factory=list)  # client-side gap between two rounds' chunks
-    # The request's means per round: verify time, and draft tokens drafted while the target waited (blocks drafted
-    # ahead were drafted while it verified the one before).
-    round_verify_ns: list[float] = dataclasses.field(default_factory=list)
-    round_waited_draft_tokens: list[float] = dataclasses.field(default_factory=list)
+    # Each round's RoundTiming, from the target's stream (rounds after each request's first, which overlaps the
+    # prefill): its time, its verify forward, the draft compute it waited for (none for a block drafted ahead) and
+    # the rest, the orchestration overhead (exact for a block drafted after the previous verdict, an upper bound
+    # for one drafted ahead).
+    round_ns: list[int] = dataclasses.field(default_factory=list)
+    round_verify_ns: list[int] = dataclasses.field(default_factory=list)
+    round_waited_draft_ns: list[int] = dataclasses.field(default_factory=list)
+    round_overhead_ns: list[int] = dataclasses.field(default_factory=list)
+    round_batch_sizes: list[int] = dataclasses.field(default_factory=list)
+
+    def add_rounds(self, timings) -> None:
+        """Record rounds from their RoundTimings (splitspec_client.RoundTiming)."""
+        for timing in timings:
+            self.round_ns.append(timing.round_ns)
+            self.round_verify_ns.append(timing.verify_ns)
+            self.round_waited_draft_ns.append(0 if timing.drafted_ahead else timing.block_draft_ns)
+            self.round_overhead_ns.append(timing.overhead_ns)
+            self.round_batch_sizes.append(timing.batch_size)
 
     @property
     def tokens_per_s(self) -> float:
@@ -62,13 +75,13 @@ def run_splitspec(client: Client, prompts: list[list[int]], max_new_tokens: int,
     """Stream every prompt through the target server; each chunk of the stream is one verification round."""
     run = Run()
     for prompt in prompts:
-        chunk_ns, token_ids, stats = [], [], None
+        token_ids, timings, stats = [], [], None
         started = time.perf_counter_ns()
         for chunk in client.stream(prompt, max_new_tokens=max_new_tokens, num_speculative_tokens=k, ignore_eos=True):
-            chunk_ns.append(time.perf_counter_ns())
             token_ids += chunk.token_ids
+            timings.append(chunk.round_timing)
             stats = chunk.stats or stats
-        run.wall_ns += chunk_ns[-1] - started
+        run.wall_ns += time.perf_counter_ns() - started
         run.generated_tokens += len(token_ids)
         run.token_ids.append(tuple(token_ids))
         for field in ("rounds", "num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_drafts_ahead",
@@ -79,11 +92,7 @@ def run_splitspec(client: Client, prompts: list[list[int]], max_new_tokens: int,
         run.full_blocks += per_position[k - 1] if 0 < k <= len(per_position) else 0
         if stats.fallback_reason:
             run.fallback_reasons.append(stats.fallback_reason)
-        waited_blocks = 1 - stats.num_drafts_ahead / stats.num_drafts if stats.num_drafts else 0
-        for i in range(1, len(chunk_ns)):
-            run.round_wall_ns.append(chunk_ns[i] - chunk_ns[i - 1])
-            run.round_verify_ns.append(stats.verify_ns / stats.rounds)
-            run.round_waited_draft_tokens.append(stats.num_draft_tokens * waited_blocks / stats.rounds)
+        run.add_rounds(timings[1:])
     return run
 
 
@@ -109,8 +118,8 @@ def load_model(directory: str) -> torch.nn.Module:
 
 
 def measure_step_ns(model: torch.nn.Module, prompt: list[int], steps: int = 24) -> float:
-    """Median time of one greedy decoding step after `prompt`, through the servers' forward pass."""
-    runner = CausalLMRunner(model)
+    """Median time of one greedy decoding step after `prompt`, through the servers' forward pass (one row)."""
+    runner = runner_for(model)[0]  # the servers' runner
     sequence = runner.new_sequence(prompt)
     runner.prefill(sequence, len(prompt) - 1)
     times = []
