@@ -21,6 +21,7 @@ of their own.
 """
 
 import dataclasses
+import heapq
 
 import torch
 from transformers import Cache
@@ -67,9 +68,10 @@ class KVPool:
         return sum(t.nbytes for t in self.keys + self.values if t is not None)
 
     def acquire(self) -> int:
-        """A slot for a new sequence; its storage is grown, if need be, by the first forward that writes it."""
+        """A slot for a new sequence, the lowest free one (the pool stays compact); its storage is grown, if need
+        be, by the first forward that writes it."""
         if self._free_slots:
-            return self._free_slots.pop()
+            return heapq.heappop(self._free_slots)
         self._slots_handed_out += 1
         return self._slots_handed_out - 1
 
@@ -77,7 +79,7 @@ class KVPool:
         """Give a slot back. Safe even while a forward that writes it waits or runs (a request cancelled meanwhile):
         forwards run one at a time, and the slot's next owner feeds its tokens from position 0, each forward
         writing its positions before attending to them, so what the old forward leaves is never read."""
-        self._free_slots.append(slot)
+        heapq.heappush(self._free_slots, slot)
 
     def free_if_unused(self) -> None:
         """Drop the storage when no slot is in use, so that a burst of sessions does not hold its memory for good;
@@ -217,13 +219,14 @@ class BatchedCausalLMRunner:
         real = columns[None, :] >= pad  # [rows, columns]
         # A real column c of row r sits at position start + c - pad; padding columns are written after the real ones.
         positions = torch.where(real, start + columns - pad, start + (num_columns - pad) + columns)  # [rows, columns]
-        kv_length = int(positions.max()) + 1
+        kv_length = max(starts) + num_columns  # every row's last column is at start + columns - 1
         keys = torch.arange(kv_length, device=device)  # [kv_length]
         # A real query attends to its row's keys up to its own position; a padding one only to key 0 (never empty).
         attend = torch.where(real[:, :, None], keys[None, None, :] <= positions[:, :, None],
                              keys[None, None, :] == 0)[:, None]  # [rows, 1, columns, kv_length]
-        slots = torch.tensor([row.sequence.slot for row in rows], device=device)  # [rows]
-        batch = PoolBatch(slots, slots[:, None].expand(-1, num_columns), positions, kv_length, int(slots.max()))
+        slot_ids = [row.sequence.slot for row in rows]
+        slots = torch.tensor(slot_ids, device=device)  # [rows]
+        batch = PoolBatch(slots, slots[:, None].expand(-1, num_columns), positions, kv_length, max(slot_ids))
         dtype = self.model.dtype
         mask = (torch.zeros(attend.shape, dtype=dtype, device=device).masked_fill(~attend, torch.finfo(dtype).min)
                 if self._additive_mask else attend)

@@ -26,7 +26,7 @@ import transformers
 from splitspec_client import Client
 
 from splitspec import demo_models, launch
-from splitspec.bench import modes, report, runs
+from splitspec.bench import grpc_rtt, modes, report, runs
 from splitspec.topology import format_cpu_list
 
 PROMPTS = [
@@ -143,6 +143,8 @@ def sweep(config: dict, args, progress: Progress) -> dict:
         if "modes" in config:
             results["modes"] = measure_modes(config, args, draft.address, target_cpus, log_dir, prompts, tokenizer,
                                              progress)
+        results["grpc_rtt"] = grpc_rtt.measure(draft_cpus, target_cpus)
+        progress(f"bare gRPC bidi round trip between the halves' CPUs: p50 {results['grpc_rtt']['p50_ms']:.2f} ms")
     finally:
         launch.stop_all([draft])
     return results

@@ -116,6 +116,10 @@ def table(results: dict) -> str:
             else:
                 cells.append(fmt.format(row[key]) if key in row else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    if "grpc_rtt" in results:
+        rtt = results["grpc_rtt"]
+        lines.append(f"\nthe floor: a bare gRPC bidi round trip between the halves' CPUs, p50/p95 {rtt['p50_ms']:.2f} / "
+                     f"{rtt['p95_ms']:.2f} ms")
     for base in results["baselines"]:
         lines.append(f"\ntarget-only baseline at alpha knob {base['acceptance_knob']:.2f}: "
                      f"{base['tokens_per_s']:.1f} tok/s, target step {base['target_step_ms']:.1f} ms, "
