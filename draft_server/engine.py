@@ -200,6 +200,7 @@ class DraftEngine:
         self._session_ids = itertools.count(1)
         self.batcher = ForwardBatcher(runner, max_batch_size, max_batch_tokens, self.metrics.batches.record_batch,
                                       thread_name="draft-model")
+        self.metrics.batches.watch(runner)
 
     @property
     def live_sessions(self) -> int:
@@ -257,7 +258,7 @@ class DraftEngine:
 
     def close_session(self, session: DraftSession) -> None:
         if self.sessions.pop(session.session_id, None) is not None:
-            session.sequence.release()
+            self.batcher.release(session.sequence)
             log.info("session %d closed after %d blocks", session.session_id, session.next_block_index,
                      extra={"request_id": session.request_id})
 

@@ -18,6 +18,7 @@ The worker thread owns the queue and the scheduling; the event loop only hands j
 import asyncio
 import collections
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from typing import Any
 import torch
 
 from splitspec.kv_cache import ForwardRow
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -82,6 +85,12 @@ class ForwardBatcher:
         self._work.set()
         return await job.future
 
+    def release(self, sequence) -> None:
+        """The sequence runs no more forwards: give its cache back, and wake the worker, which frees the runner's
+        memory once no sequence holds any."""
+        sequence.release()
+        self._work.set()
+
     def take_batch(self) -> list[_Job]:
         """The jobs of the next forward pass, oldest first; the others keep their place in the queue."""
         batch, left = [], collections.deque()
@@ -121,20 +130,28 @@ class ForwardBatcher:
                 self._work.wait()
                 self._work.clear()
                 continue
-            started = time.perf_counter_ns()
-            outcomes = self._step(batch)
-            elapsed = time.perf_counter_ns() - started
-            if self.on_batch is not None:
-                self.on_batch(len(batch), sum(len(job.row.token_ids) for job in batch))
-            continuing = []
-            for job, (result, error) in zip(batch, outcomes):
-                job.forward_ns += elapsed
-                if isinstance(result, Continue):
-                    job.row, job.finish = result.row, result.finish
-                    continuing.append(job)
-                else:
-                    self._deliver(job, result, error, len(batch))
-            self._queue.extendleft(reversed(continuing))
+            try:
+                self._run_batch(batch)
+            except Exception as exc:  # noqa: BLE001 (a bug here must fail these jobs, not every later one)
+                log.exception("model worker %s: batch of %d failed", self.thread_name, len(batch))
+                for job in batch:
+                    self._deliver(job, None, exc, len(batch))
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        started = time.perf_counter_ns()
+        outcomes = self._step(batch)
+        elapsed = time.perf_counter_ns() - started
+        if self.on_batch is not None:
+            self.on_batch(len(batch), sum(len(job.row.token_ids) for job in batch))
+        continuing = []
+        for job, (result, error) in zip(batch, outcomes):
+            job.forward_ns += elapsed
+            if isinstance(result, Continue):
+                job.row, job.finish = result.row, result.finish
+                continuing.append(job)
+            else:
+                self._deliver(job, result, error, len(batch))
+        self._queue.extendleft(reversed(continuing))
 
     def _step(self, batch: list[_Job]) -> list[tuple[Any, BaseException | None]]:
         """One forward over the batch, then each job's finish."""

@@ -39,9 +39,18 @@ class BatchMetrics:
                                       f"Tokens fed per {half} forward pass, padding excluded",
                                       buckets=BATCH_TOKENS_BUCKETS, registry=registry)
 
+        self.kv_cache_bytes = Gauge(f"splitspec:{prefix}kv_cache_bytes",
+                                    f"Bytes the {half}'s KV pool holds (slots x the longest sequence; 0 when idle)",
+                                    registry=registry)
+
     def record_batch(self, num_rows: int, num_tokens: int) -> None:
         self.batch_size.observe(num_rows)
         self.batch_tokens.observe(num_tokens)
+
+    def watch(self, runner) -> None:
+        """Report `runner`'s KV pool size (a runner without a pool, one cache per session, reports 0)."""
+        pool = getattr(runner, "pool", None)
+        self.kv_cache_bytes.set_function(lambda: pool.nbytes if pool is not None else 0)
 
 
 class TargetMetrics:

@@ -145,6 +145,7 @@ class TargetEngine:
         # One model worker; the forwards that sessions wait on at once run as one batch (if the runner can batch).
         self.batcher = ForwardBatcher(runner, max_batch_size, max_batch_tokens, self.metrics.batches.record_batch,
                                       thread_name="target-model")
+        self.metrics.batches.watch(runner)
 
     @property
     def live_sessions(self) -> int:
@@ -236,7 +237,7 @@ class TargetEngine:
                                                    self._next_block_size(request, sizer, len(generated)))
                 yield GenerationUpdate(emitted, detokenizer.take_delta(final=False), round_timing=timing)
         finally:
-            sequence.release()
+            self.batcher.release(sequence)
             await speculation.close(cancel=True)
 
     def _next_block_size(self, request: GenerationRequest, sizer: BlockSizer, generated: int) -> int:

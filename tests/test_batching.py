@@ -3,6 +3,7 @@
 import asyncio
 import concurrent.futures
 import random
+import time
 import uuid
 
 import pytest
@@ -13,7 +14,7 @@ from transformers import MistralConfig, MistralForCausalLM
 from scrape import METRICS_FLAGS, metric, scrape
 from servers import start_draft, start_target
 from splitspec import models
-from splitspec.batcher import ForwardBatcher, _Job
+from splitspec.batcher import Continue, ForwardBatcher, _Job
 from splitspec.kv_cache import CausalLMRunner, ForwardRow
 from splitspec.kv_pool import BatchedCausalLMRunner, KVPool, batching_problem, runner_for
 from splitspec.sampling import SamplingParams
@@ -216,9 +217,73 @@ def test_eight_speculative_sessions_verified_together_equal_the_target_alone(bat
     # Sessions really shared forward passes, on both halves.
     assert _mean_batch(batching_target, target_before, "splitspec:batch_size") > 1.5
     assert _mean_batch(batching_draft, draft_before, "splitspec:draft_batch_size") > 1.5
+    # With every session gone, both pools give their memory back.
+    deadline = time.monotonic() + 10
+    while (metric(scrape(batching_target), "splitspec:kv_cache_bytes") > 0
+           or metric(scrape(batching_draft), "splitspec:draft_kv_cache_bytes") > 0):
+        assert time.monotonic() < deadline, "the KV pools still hold memory with no session open"
+        time.sleep(0.1)
 
 
 def test_seeded_sampling_is_the_same_batched_or_alone(batching_target):
     params = dict(max_new_tokens=32, num_speculative_tokens=3, temperature=0.9, top_k=50, seed=7)
     alone = [_at_once(batching_target.address, [prompt], **params)[0] for prompt in PROMPTS[:4]]
     assert _at_once(batching_target.address, PROMPTS[:4], **params) == alone
+
+
+class _ScriptedRunner:
+    """A runner that returns row i's logits as a tensor holding its first token id, and fails where told: the
+    batcher's scheduling and error handling, apart from any model."""
+
+    def __init__(self):
+        self.fail_next = False
+        self.batches: list[list[int]] = []
+
+    def forward_batch(self, rows):
+        self.batches.append([row.token_ids[0] for row in rows])
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("CUDA out of memory (scripted)")
+        return [torch.tensor([[float(row.token_ids[0])]]) for row in rows]
+
+    def free_unused_memory(self):
+        pass
+
+
+def test_the_model_worker_survives_failures_and_continues_jobs_on_its_thread():
+    runner = _ScriptedRunner()
+    batcher = ForwardBatcher(runner, max_batch_size=8, max_batch_tokens=64)
+
+    async def scenario():
+        # A failed forward fails the jobs of its batch only.
+        runner.fail_next = True
+        with pytest.raises(RuntimeError, match="scripted"):
+            await batcher.run(ForwardRow(_Sequence(), [1], 1), lambda logits: int(logits))
+        # A failing finish fails its own job; the others of its batch get their results.
+        def bad_finish(logits):
+            raise ValueError("bad block")
+        results = await asyncio.gather(batcher.run(ForwardRow(_Sequence(), [2], 1), lambda logits: int(logits)),
+                                       batcher.run(ForwardRow(_Sequence(), [3], 1), bad_finish),
+                                       return_exceptions=True)
+        assert results[0][0] == 2 and isinstance(results[1], ValueError)
+        # A job continues on the worker: three forwards, one result, their summed time.
+        fed = []
+
+        def step(logits):
+            fed.append(int(logits))
+            return int(logits) if len(fed) == 3 else Continue(ForwardRow(_Sequence(), [10 + len(fed)], 1), step)
+
+        result, forward_ns, batch_size = await batcher.run(ForwardRow(_Sequence(), [10], 1), step)
+        assert (result, fed, batch_size) == (12, [10, 11, 12], 1) and forward_ns > 0
+        # A bug outside the forward (here in the metrics callback) fails that batch, not the worker.
+        batcher.on_batch = lambda rows, tokens: 1 / 0
+        with pytest.raises(ZeroDivisionError):
+            await batcher.run(ForwardRow(_Sequence(), [4], 1))
+        batcher.on_batch = None
+        assert (await batcher.run(ForwardRow(_Sequence(), [5], 1), lambda logits: int(logits)))[0] == 5
+        batcher.shutdown()
+        with pytest.raises(RuntimeError, match="shut down"):
+            await batcher.run(ForwardRow(_Sequence(), [6], 1))
+
+    asyncio.run(scenario())
+    assert [4] in runner.batches and [5] in runner.batches
