@@ -3,8 +3,8 @@
 Continuous batching at the granularity of one forward pass (vLLM's and TGI's scheduling, without preemption):
 every session waiting on a forward when the worker comes free - on the target a prefill, the verification of a
 draft block or a plain decoding step; on the draft one draft token - joins the next batch, up to `max_batch_size`
-rows and `max_batch_tokens` padded tokens, and while padding stays under half of the batch's tokens (so a long
-prefill does not pad every verification to its length). The oldest waiting row is always in the next batch; nobody
+rows and `max_batch_tokens` padded tokens, and while its padding is no more than its real tokens or
+`PADDING_ALLOWANCE`, whichever is more (so a long prefill does not pad every verification to its length). The oldest waiting row is always in the next batch; nobody
 waits for a batch to fill.
 
 Each job carries a `finish` function, run on the worker thread with its row's logits right after the forward (the
@@ -29,6 +29,9 @@ import torch
 from splitspec.kv_cache import ForwardRow
 
 log = logging.getLogger(__name__)
+
+# Padding tokens a batch may always carry: a verification row (k + 1 tokens) takes single-token rows along.
+PADDING_ALLOWANCE = 32
 
 
 @dataclasses.dataclass
@@ -101,7 +104,9 @@ class ForwardBatcher:
                 continue  # its request was cancelled while it waited
             width, real = max(columns, len(job.row.token_ids)), real_tokens + len(job.row.token_ids)
             padded = width * (len(batch) + 1)
-            if batch and (len(batch) >= self.max_batch_size or padded > self.max_batch_tokens or padded > 2 * real):
+            wasted = padded - real
+            if batch and (len(batch) >= self.max_batch_size or padded > self.max_batch_tokens
+                          or wasted > max(real, PADDING_ALLOWANCE)):
                 left.append(job)
                 continue
             batch.append(job)

@@ -129,10 +129,14 @@ def test_a_batch_takes_the_oldest_then_what_fits_without_padding_most_of_it():
         assert [len(job.row.token_ids) for job in batch] == [5, 4, 5]
         assert [len(job.row.token_ids) for job in batcher._queue] == [40, 5]
         batch = batcher.take_batch()
-        # The oldest always runs: 40 alone, as 2 x 40 would be mostly padding.
+        # The oldest always runs: 40 alone, as 2 x 40 would be mostly padding (and over 64 tokens).
         assert [len(job.row.token_ids) for job in batch] == [40]
         assert [len(job.row.token_ids) for job in batcher.take_batch()] == [5]
         assert batcher.take_batch() == []
+        # Short rows ride along with a verification row: a little padding is cheaper than another forward.
+        batcher.max_batch_size = 8
+        _queue_jobs(batcher, loop, [5, 1, 1, 1, 1, 1, 1, 1])
+        assert len(batcher.take_batch()) == 8
         with pytest.raises(ValueError):
             ForwardBatcher(runner=None, max_batch_size=0, max_batch_tokens=64)
     finally:
