@@ -192,12 +192,17 @@ class ForwardBatcher:
         except RuntimeError:  # the loop is closed
             pass
 
-    def shutdown(self) -> None:
-        """Stop the worker after its current forward; it cancels the jobs still waiting. Callable from any thread."""
+    def shutdown(self, wait_s: float = 30.0) -> None:
+        """Stop the worker after its current forward; it cancels the jobs still waiting. Callable from any thread.
+        Waits up to `wait_s` for the worker thread to end: a daemon thread still inside torch when the interpreter
+        exits can abort the process."""
         self._stopping = True
         self._work.set()
         with self._lock:
-            if self._thread is None:  # never started: nothing else will cancel what was handed over
+            thread = self._thread
+            if thread is None:  # never started: nothing else will cancel what was handed over
                 while self._handed_over:
                     future = self._handed_over.popleft().future
                     self._settle_threadsafe(future, future.cancel)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(wait_s)
