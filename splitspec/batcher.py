@@ -4,8 +4,8 @@ Continuous batching at the granularity of one forward pass (vLLM's and TGI's sch
 every session waiting on a forward when the worker comes free - on the target a prefill, the verification of a
 draft block or a plain decoding step; on the draft one draft token - joins the next batch, up to `max_batch_size`
 rows and `max_batch_tokens` padded tokens, and while its padding is no more than its real tokens or
-`PADDING_ALLOWANCE`, whichever is more (so a long prefill does not pad every verification to its length). The oldest waiting row is always in the next batch; nobody
-waits for a batch to fill.
+`PADDING_ALLOWANCE`, whichever is more (so a long prefill does not pad every verification to its length). The
+oldest waiting row is always in the next batch; nobody waits for a batch to fill.
 
 Each job carries a `finish` function, run on the worker thread with its row's logits right after the forward (the
 verification math; the choice of a draft token), which may update the session's sequence. `finish` may return

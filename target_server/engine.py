@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from splitspec.batcher import ForwardBatcher
 from splitspec.kv_cache import CausalLMRunner, ForwardRow, SequenceKV
+from splitspec.kv_pool import BatchedCausalLMRunner
 from splitspec.metrics import TargetMetrics
 from splitspec.models import Vocabulary
 from splitspec.protocol import CandidateBlock
@@ -127,10 +128,11 @@ def verify_block(runner: CausalLMRunner, sequence: SequenceKV, block: CandidateB
 
 
 class TargetEngine:
-    def __init__(self, runner: CausalLMRunner, tokenizer, vocabulary: Vocabulary, pool: DraftPool,
-                 draft_timeout_s: float, max_draft_reopens: int = 2, admission: Admission | None = None,
-                 metrics: TargetMetrics | None = None, draft_ahead: bool = True, adaptive_block_size: bool = False,
-                 speculation_backoff_running: int = 0, max_batch_size: int = 64, max_batch_tokens: int = 4096):
+    def __init__(self, runner: BatchedCausalLMRunner | CausalLMRunner, tokenizer, vocabulary: Vocabulary,
+                 pool: DraftPool, draft_timeout_s: float, max_draft_reopens: int = 2,
+                 admission: Admission | None = None, metrics: TargetMetrics | None = None, draft_ahead: bool = True,
+                 adaptive_block_size: bool = False, speculation_backoff_running: int = 0, max_batch_size: int = 64,
+                 max_batch_tokens: int = 4096):
         self.runner = runner
         self.tokenizer = tokenizer
         self.vocabulary = vocabulary
