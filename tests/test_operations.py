@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from splitspec_client import (Client, PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError,
+from splitspec_client import (Client, ResourceExhaustedError, UnauthenticatedError,
                               UnavailableError)
 from splitspec_client.v1 import draft_pb2, draft_pb2_grpc
 
