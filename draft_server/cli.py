@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     from splitspec import topology
     from splitspec.server_cli import batching_flags_problem
 
-    if batching_flags_problem(args):
-        print(f"splitspec-draft: error: {batching_flags_problem(args)}", file=sys.stderr)
+    if problem := batching_flags_problem(args):
+        print(f"splitspec-draft: error: {problem}", file=sys.stderr)
         return 2
     machine = topology.read_topology()
     try:

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from splitspec.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from splitspec.batcher import Continue, ForwardBatcher
-from splitspec.kv_cache import ForwardRow, SequenceKV
+from splitspec.kv_cache import ForwardRow, Sequence
 from splitspec.metrics import DraftMetrics
 from splitspec.models import Vocabulary
 from splitspec.protocol import CandidateBlock, SessionStart, SparseDistribution, Verdict
@@ -40,7 +40,7 @@ class DraftSession:
     rests on the guess that the first is fully accepted and followed by `ahead_guess`.
     """
 
-    def __init__(self, session_id: int, start: SessionStart, sequence: SequenceKV, limits: DraftLimits,
+    def __init__(self, session_id: int, start: SessionStart, sequence: Sequence, limits: DraftLimits,
                  device: torch.device):
         self.session_id = session_id
         self.request_id = start.request_id

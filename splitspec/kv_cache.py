@@ -11,25 +11,22 @@ import torch
 from transformers import DynamicCache
 
 
-class SequenceKV:
-    def __init__(self, token_ids: list[int], config):
-        self.token_ids = list(token_ids)
-        self.cache = DynamicCache(config=config)
-        self.released = False
+class Sequence:
+    """A sequence's token ids and a KV cache holding the entries of its first `cached_len` tokens; subclasses say where
+    that cache lives (`SequenceKV`: its own DynamicCache; `kv_pool.PooledSequence`: a slot of a shared pool)."""
 
-    @property
-    def cached_len(self) -> int:
-        return self.cache.get_seq_length()
+    cached_len: int
+
+    def __init__(self, token_ids: list[int]):
+        self.token_ids = list(token_ids)
+        self.released = False
 
     def uncached_token_ids(self) -> list[int]:
         return self.token_ids[self.cached_len :]
 
     def truncate_cache(self, length: int) -> None:
         """Keep the KV entries of the first `length` tokens (fewer stay as they are)."""
-        excess = self.cached_len - length
-        if excess > 0:
-            # transformers 5.x: crop() takes the number of tokens to remove, as a negative count.
-            self.cache.crop(-excess)
+        raise NotImplementedError
 
     def truncate(self, length: int) -> None:
         """Drop tokens (and their KV entries) past `length`."""
@@ -37,8 +34,26 @@ class SequenceKV:
         self.truncate_cache(length)
 
     def release(self) -> None:
-        """The sequence runs no more forwards; its cache is freed with it (a pooled sequence gives its slot back)."""
+        """The sequence runs no more forwards (idempotent)."""
         self.released = True
+
+
+class SequenceKV(Sequence):
+    """A sequence with its own DynamicCache, freed with it."""
+
+    def __init__(self, token_ids: list[int], config):
+        super().__init__(token_ids)
+        self.cache = DynamicCache(config=config)
+
+    @property
+    def cached_len(self) -> int:
+        return self.cache.get_seq_length()
+
+    def truncate_cache(self, length: int) -> None:
+        excess = self.cached_len - length
+        if excess > 0:
+            # transformers 5.x: crop() takes the number of tokens to remove, as a negative count.
+            self.cache.crop(-excess)
 
 
 @dataclasses.dataclass
@@ -46,13 +61,28 @@ class ForwardRow:
     """One row of a batched forward: feed `token_ids` after the sequence's cached prefix, keep the last
     `logits_to_keep` rows of logits."""
 
-    sequence: "SequenceKV"  # or a kv_pool.PooledSequence, with a runner of its kind
+    sequence: Sequence  # of the kind its runner makes
     token_ids: list[int]
     logits_to_keep: int
 
 
-class CausalLMRunner:
-    """Runs forward passes of one Hugging Face causal LM over `SequenceKV`s."""
+class Runner:
+    """Forward passes of one Hugging Face causal LM over the sequences it makes (`new_sequence`)."""
+
+    def forward(self, sequence: Sequence, token_ids: list[int], logits_to_keep: int) -> torch.Tensor:
+        """Feed `token_ids` after the cached prefix; returns float32 logits `# [logits_to_keep, vocab_size]`, whose
+        row i predicts the token after fed token len(token_ids) - logits_to_keep + i."""
+        raise NotImplementedError
+
+    def prefill(self, sequence: Sequence, upto: int) -> None:
+        """Cache the KV entries of the first `upto` tokens (no logits needed)."""
+        missing = sequence.token_ids[sequence.cached_len : upto]
+        if missing:
+            self.forward(sequence, missing, logits_to_keep=1)
+
+
+class CausalLMRunner(Runner):
+    """Runs forward passes over `SequenceKV`s, one sequence at a time."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -63,11 +93,6 @@ class CausalLMRunner:
 
     @torch.inference_mode()
     def forward(self, sequence: SequenceKV, token_ids: list[int], logits_to_keep: int) -> torch.Tensor:
-        """Feed `token_ids` after the cached prefix; returns the last `logits_to_keep` rows of logits.
-
-        Returns float32 logits `# [logits_to_keep, vocab_size]`; row i predicts the token after fed token
-        len(token_ids) - logits_to_keep + i.
-        """
         input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, n]
         output = self.model(input_ids=input_ids, cache=sequence.cache, use_cache=True, logits_to_keep=logits_to_keep)
         return output.logits[0].float()  # [logits_to_keep, vocab_size]
@@ -78,9 +103,3 @@ class CausalLMRunner:
 
     def free_unused_memory(self) -> None:
         """Nothing to free: each sequence's cache goes with it."""
-
-    def prefill(self, sequence: SequenceKV, upto: int) -> None:
-        """Cache the KV entries of the first `upto` tokens (no logits needed)."""
-        missing = sequence.token_ids[sequence.cached_len : upto]
-        if missing:
-            self.forward(sequence, missing, logits_to_keep=1)

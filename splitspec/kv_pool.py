@@ -26,7 +26,7 @@ import heapq
 import torch
 from transformers import Cache
 
-from splitspec.kv_cache import CausalLMRunner, ForwardRow
+from splitspec.kv_cache import CausalLMRunner, ForwardRow, Runner, Sequence
 
 BATCHABLE_ATTENTION = ("sdpa", "eager")
 
@@ -149,40 +149,28 @@ class _PoolCache(Cache):
         raise NotImplementedError("a pooled batch has one length per row: pass position_ids")
 
 
-class PooledSequence:
-    """One sequence's token ids and its slot in a KVPool; the same interface as `SequenceKV`.
-
-    The pool holds the KV entries of the first `cached_len` tokens of `token_ids`.
-    """
+class PooledSequence(Sequence):
+    """A sequence whose KV entries (of its first `cached_len` tokens) live in one slot of a KVPool."""
 
     def __init__(self, pool: KVPool, token_ids: list[int]):
+        super().__init__(token_ids)
         self.pool = pool
-        self.token_ids = list(token_ids)
         self.cached_len = 0
         self.slot = pool.acquire()
-        self.released = False
-
-    def uncached_token_ids(self) -> list[int]:
-        return self.token_ids[self.cached_len :]
 
     def truncate_cache(self, length: int) -> None:
-        """Keep the KV entries of the first `length` tokens (fewer stay as they are)."""
         self.cached_len = min(self.cached_len, length)
-
-    def truncate(self, length: int) -> None:
-        del self.token_ids[length:]
-        self.truncate_cache(length)
 
     def release(self) -> None:
         """Give the slot back (idempotent). A forward already batched may still write it (see KVPool.release);
         the batcher takes no new one."""
         if not self.released:
-            self.released = True
+            super().release()
             self.pool.release(self.slot)
 
 
-class BatchedCausalLMRunner:
-    """Runs forward passes of one Hugging Face causal LM over many `PooledSequence`s at once."""
+class BatchedCausalLMRunner(Runner):
+    """Runs forward passes over many `PooledSequence`s at once."""
 
     def __init__(self, model: torch.nn.Module, pool: KVPool | None = None):
         problem = batching_problem(model)
@@ -242,14 +230,8 @@ class BatchedCausalLMRunner:
         self.pool.free_if_unused()
 
     def forward(self, sequence: PooledSequence, token_ids: list[int], logits_to_keep: int) -> torch.Tensor:
-        """A batch of one row: `CausalLMRunner.forward`'s contract."""
+        """A batch of one row (`Runner.forward`'s contract)."""
         return self.forward_batch([ForwardRow(sequence, token_ids, logits_to_keep)])[0]
-
-    def prefill(self, sequence: PooledSequence, upto: int) -> None:
-        """Cache the KV entries of the first `upto` tokens (no logits needed)."""
-        missing = sequence.token_ids[sequence.cached_len : upto]
-        if missing:
-            self.forward(sequence, missing, logits_to_keep=1)
 
 
 def runner_for(model: torch.nn.Module) -> tuple["BatchedCausalLMRunner | CausalLMRunner", str | None]:

@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     from splitspec.server_cli import batching_flags_problem
 
-    if batching_flags_problem(args):
-        print(f"splitspec-target: error: {batching_flags_problem(args)}", file=sys.stderr)
+    if problem := batching_flags_problem(args):
+        print(f"splitspec-target: error: {problem}", file=sys.stderr)
         return 2
     if not 0 <= args.num_speculative_tokens <= args.max_num_speculative_tokens:
         print("splitspec-target: error: --num-speculative-tokens must be in [0, --max-num-speculative-tokens]",

@@ -14,7 +14,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from splitspec.batcher import ForwardBatcher
-from splitspec.kv_cache import CausalLMRunner, ForwardRow, SequenceKV
+from splitspec.kv_cache import CausalLMRunner, ForwardRow, Sequence
 from splitspec.kv_pool import BatchedCausalLMRunner
 from splitspec.metrics import TargetMetrics
 from splitspec.models import Vocabulary
@@ -89,14 +89,14 @@ class GenerationUpdate:
     round_timing: RoundTiming | None = None
 
 
-def verification_row(sequence: SequenceKV, block: CandidateBlock | None) -> ForwardRow:
+def verification_row(sequence: Sequence, block: CandidateBlock | None) -> ForwardRow:
     """The forward a round needs: the uncached tokens plus the draft tokens, keeping logits for each draft token and
     the bonus position. With no block it is a plain decoding step."""
     draft_token_ids = block.token_ids if block else []
     return ForwardRow(sequence, sequence.uncached_token_ids() + draft_token_ids, len(draft_token_ids) + 1)
 
 
-def finish_verification(sequence: SequenceKV, block: CandidateBlock | None, sampling: SamplingParams,
+def finish_verification(sequence: Sequence, block: CandidateBlock | None, sampling: SamplingParams,
                         generator: torch.Generator, logits: torch.Tensor) -> Verification:
     """Verify the block against the target's `logits # [k+1, vocab]` from its `verification_row`; keep the accepted
     prefix in the sequence and its cache."""
@@ -115,16 +115,6 @@ def finish_verification(sequence: SequenceKV, block: CandidateBlock | None, samp
     sequence.truncate_cache(start_position + verification.accepted_len)
     sequence.token_ids += draft_token_ids[: verification.accepted_len] + [verification.next_token_id]
     return verification
-
-
-def verify_block(runner: CausalLMRunner, sequence: SequenceKV, block: CandidateBlock | None,
-                 sampling: SamplingParams, generator: torch.Generator) -> tuple[Verification, int]:
-    """One round on its own (no batching): returns the verification and the nanoseconds it took."""
-    started = time.perf_counter_ns()
-    row = verification_row(sequence, block)
-    logits = runner.forward(sequence, row.token_ids, row.logits_to_keep)
-    verification = finish_verification(sequence, block, sampling, generator, logits)
-    return verification, time.perf_counter_ns() - started
 
 
 class TargetEngine:

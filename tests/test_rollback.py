@@ -12,7 +12,14 @@ from splitspec import models
 from splitspec.kv_pool import BatchedCausalLMRunner
 from splitspec.protocol import SessionStart, Verdict
 from splitspec.sampling import SamplingParams, make_generator
-from target_server.engine import verify_block
+from target_server.engine import finish_verification, verification_row
+
+
+def verify_block(target, sequence, block, sampling, generator):
+    """One round of the target's own code path, unbatched."""
+    row = verification_row(sequence, block)
+    return finish_verification(sequence, block, sampling, generator, target.forward(sequence, row.token_ids,
+                                                                                    row.logits_to_keep))
 
 
 def _load(path):
@@ -52,7 +59,7 @@ def test_caches_match_rollback_to_after_every_verdict(model_dirs, draft_name, sa
     accepted_lens = []
     for _ in range(12):
         assert block.start_position == len(sequence.token_ids)
-        verification, _ = verify_block(target, sequence, block, sampling, generator)
+        verification = verify_block(target, sequence, block, sampling, generator)
         rollback_to = block.start_position + verification.accepted_len
         accepted_lens.append(verification.accepted_len)
         # Target: every sequence token but the last is cached, nothing past the accepted prefix.
@@ -87,7 +94,7 @@ def test_draft_ahead_keeps_both_halves_in_step(model_dirs, draft_name, sampling)
     for _ in range(12):
         ahead = asyncio.run(session.draft_block(engine.batcher, k, ahead=True))
         assert ahead.start_position == block.start_position + k + 1 and ahead.drafted_ahead
-        verification, _ = verify_block(target, sequence, block, sampling, generator)
+        verification = verify_block(target, sequence, block, sampling, generator)
         rollback_to = block.start_position + verification.accepted_len
         verdict = Verdict(block.block_index, verification.accepted_len, verification.next_token_id, rollback_to, k)
         guess_right = verification.accepted_len == k and verification.next_token_id == ahead.preceding_token_id

@@ -20,11 +20,10 @@ import pathlib
 import threading
 import time
 
-import numpy as np
 from splitspec_client import Client
 
 from splitspec import launch
-from splitspec.bench import runs
+from splitspec.bench import report, runs
 from splitspec.topology import format_cpu_list
 
 DEFAULTS = dict(acceptance=0.9, k=4, adaptive_k=8, concurrency=[1, 2, 4, 8], max_new_tokens=96, stream_tokens=64)
@@ -121,6 +120,7 @@ def _drafted_ahead(run: runs.Run) -> float:
 
 
 def pipelining_row(k: int, pipelined: runs.Run, sequential: runs.Run, baseline: runs.Run) -> dict:
+    sequential_rounds = report.round_breakdown(sequential)
     return {
         "k": k,
         "pipelined_tokens_per_s": round(pipelined.tokens_per_s, 2),
@@ -135,9 +135,9 @@ def pipelining_row(k: int, pipelined: runs.Run, sequential: runs.Run, baseline: 
         "pipelined_alpha": round(pipelined.alpha, 4),
         "sequential_alpha": round(sequential.alpha, 4),
         # Exact there: every block of the sequential run is drafted after the verdict it follows.
-        "sequential_overhead_p50_ms": round(float(np.percentile(sequential.round_overhead_ns, 50)) / 1e6, 3),
-        "sequential_overhead_p95_ms": round(float(np.percentile(sequential.round_overhead_ns, 95)) / 1e6, 3),
-        "pipelined_overhead_p50_ms": round(float(np.percentile(pipelined.round_overhead_ns, 50)) / 1e6, 3),
+        "sequential_overhead_p50_ms": sequential_rounds["overhead_p50_ms"],
+        "sequential_overhead_p95_ms": sequential_rounds["overhead_p95_ms"],
+        "pipelined_overhead_p50_ms": report.round_breakdown(pipelined)["overhead_p50_ms"],
         "same_tokens_as_baseline": pipelined.token_ids == sequential.token_ids == baseline.token_ids,
         "fallbacks": len(pipelined.fallback_reasons) + len(sequential.fallback_reasons),
     }
