@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install proto test test-slow lint clean
+.PHONY: install proto test test-slow test-gpu lint clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# On a machine with a CUDA device: the target on the GPU, the draft on the CPU (skipped where there is none).
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
 
 # The demo pair is built on first use (~/.cache/splitspec/demo-models). DEMO_ARGS/BENCH_ARGS: e.g. BENCH_ARGS=--quick
 .PHONY: demo bench

@@ -115,9 +115,11 @@ def start_draft(model_dir: str, cpus: list[int], log_dir: pathlib.Path, max_num_
 
 
 def start_target(model_dir: str, draft_address: str, cpus: list[int], log_dir: pathlib.Path,
-                 device: str = "cpu", max_num_speculative_tokens: int = 16):
+                 device: str = "cpu", max_num_speculative_tokens: int = 16, dtype: str = "auto",
+                 extra_args: tuple[str, ...] = (), name: str = "target"):
     """The target server on `cpus` (pinned from here), verifying blocks from the draft at `draft_address`."""
     return ServerProcess("target_server", ["--model", model_dir, "--draft", draft_address, "--device", device,
-                                           "--threads", str(len(cpus)), "--max-num-speculative-tokens",
-                                           str(max_num_speculative_tokens)],
-                         log_dir / "target.log", cpus=cpus)
+                                           "--dtype", dtype, "--threads", str(len(cpus)),
+                                           "--max-num-speculative-tokens", str(max_num_speculative_tokens),
+                                           *extra_args],
+                         log_dir / f"{name}.log", cpus=cpus)

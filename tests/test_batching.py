@@ -27,11 +27,16 @@ PROMPTS = ["The quick brown fox", "def wrap(text, width=70):", "Beautiful is bet
            "import os", "Errors should never pass silently.", "class Wrapper:", "Flat is better than nested."]
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_pooled_batches_match_one_dynamic_cache_per_sequence(attention):
+def test_pooled_batches_match_one_dynamic_cache_per_sequence(attention, device):
     """Ragged rows (different prefixes, different numbers of fed and kept tokens), random rollbacks, a pool that has
     to grow in slots and length: every row's logits equal its own unbatched forward's."""
-    model = build_llama(seed=0)
+    model = build_llama(seed=0).to(device)
     model.config._attn_implementation = attention
     alone = CausalLMRunner(model)
     batched = BatchedCausalLMRunner(model, KVPool(model.config.num_hidden_layers, initial_slots=1,
@@ -72,6 +77,7 @@ def test_pooled_batches_match_one_dynamic_cache_per_sequence(attention):
     assert rows_checked > 60 and largest_batch >= 5
     keys = batched.pool.keys[0]
     assert keys.shape[0] >= 6 and keys.shape[2] > 8  # grew from 1 slot of 8 positions
+    assert keys.device.type == device
 
 
 def test_released_slots_are_reused():

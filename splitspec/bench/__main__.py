@@ -4,6 +4,7 @@ same prompts, over a sweep of acceptance rates (demo pairs, `splitspec.demo_mode
     python -m splitspec.bench             # the sweep (under 10 minutes on 2 cores)
     python -m splitspec.bench --quick     # a smoke run on tiny models (CI)
     python -m splitspec.bench --device cuda   # GPU timing with a 7B-shaped target (skipped without a GPU)
+    python -m splitspec.bench --target-device cuda   # the sweep with the target server on the GPU
 
 After the sweep, the modes (splitspec/bench/modes.py; --no-modes skips them): pipelined vs sequential, adaptive vs
 fixed k, and 1/2/4/8 concurrent streams, on the alpha 0.9 pair.
@@ -46,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cpu: the sweep on this machine. cuda: a 7B-shaped target on the GPU, a 68M-shaped "
                              "draft on the CPU, acceptance forced (see splitspec/bench/cuda.py).")
+    parser.add_argument("--target-device", default="cpu", choices=["cpu", "cuda"],
+                        help="Where the sweep's target servers (and Hugging Face's models) run. cuda: the draft "
+                             "server gets every CPU but one, the target's host thread that one.")
+    parser.add_argument("--target-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="The target's dtype (float32: outputs comparable token for token across systems).")
     parser.add_argument("--acceptances", type=float, nargs="+", help="Alpha knobs of the demo pairs swept.")
     parser.add_argument("--ks", type=int, nargs="+", help="Draft lengths k swept.")
     parser.add_argument("--main-acceptance", type=float, default=None,
@@ -116,10 +122,12 @@ def sweep(config: dict, args, progress: Progress) -> dict:
                                             demo_models.SHAPES[config["shape"]].text_modules)
     prompts = [tokenizer.encode(text) for text in PROMPTS[: config["prompts"]]]
     all_cpus = sorted(os.sched_getaffinity(0))
-    draft_cpus, target_cpus = launch.split_cpus(all_cpus)
+    draft_cpus, target_cpus = launch.split_cpus(all_cpus, target_on_gpu=args.target_device == "cuda")
     # Every pair's draft is the same model (the first layer is never scaled): one draft server serves them all.
     draft_model = runs.load_model(first.draft_dir)
-    results = {"config": config, "machine": machine(all_cpus, draft_cpus, target_cpus), "baselines": [], "runs": []}
+    results = {"config": config, "machine": machine(all_cpus, draft_cpus, target_cpus, args.target_device,
+                                                    args.target_dtype),
+               "baselines": [], "runs": []}
     log_dir = pathlib.Path(tempfile.mkdtemp(prefix="splitspec-bench-"))
     draft = launch.start_draft(first.draft_dir, draft_cpus, log_dir)
     try:
@@ -129,8 +137,8 @@ def sweep(config: dict, args, progress: Progress) -> dict:
             with runs.on_cpus(draft_cpus):
                 draft_step_ns = runs.measure_step_ns(draft_model, prompts[0])
             progress(f"draft step {draft_step_ns / 1e6:.2f} ms on CPUs {format_cpu_list(draft_cpus)}")
-            measured = measure_pair(pair, draft.address, target_cpus, log_dir, prompts, config, progress)
-            hf = {} if args.no_hf else measure_hf(pair, target_cpus, prompts, config, progress)
+            measured = measure_pair(pair, draft.address, target_cpus, log_dir, prompts, config, args, progress)
+            hf = {} if args.no_hf else measure_hf(pair, target_cpus, prompts, config, args, progress)
             baseline = measured.pop(0)
             results["baselines"].append(report.baseline_row(acceptance, baseline, draft_step_ns))
             for k, run in measured.items():
@@ -150,10 +158,11 @@ def sweep(config: dict, args, progress: Progress) -> dict:
     return results
 
 
-def measure_pair(pair, draft_address: str, target_cpus: list[int], log_dir: pathlib.Path, prompts, config,
+def measure_pair(pair, draft_address: str, target_cpus: list[int], log_dir: pathlib.Path, prompts, config, args,
                  progress) -> dict:
     """{k: Run} through the two servers, k = 0 (target-only) first."""
-    target = launch.start_target(pair.target_dir, draft_address, target_cpus, log_dir)
+    target = launch.start_target(pair.target_dir, draft_address, target_cpus, log_dir, device=args.target_device,
+                                 dtype=args.target_dtype)
     try:
         measured = {}
         with Client(target.address, timeout=600) as client:
@@ -177,13 +186,17 @@ def measure_modes(config, args, draft_address: str, target_cpus: list[int], log_
     options["stream_tokens"] = min(options["stream_tokens"], config["max_new_tokens"])
     modules = demo_models.SHAPES[shape].text_modules
     stream_prompts = demo_models.text_prompts(tokenizer, modules, max(options["concurrency"]), 16).tolist()
-    return modes.run_modes(pair, draft_address, target_cpus, log_dir, prompts, stream_prompts, options, progress)
+    return modes.run_modes(pair, draft_address, target_cpus, log_dir, prompts, stream_prompts, options, progress,
+                           args.target_device, args.target_dtype)
 
 
-def measure_hf(pair, cpus: list[int], prompts, config, progress) -> dict:
+def measure_hf(pair, cpus: list[int], prompts, config, args, progress) -> dict:
     """{0: target alone, hf_k: assisted generation} in this process, on the target server's CPUs and threads: the
-    same budget for the target as splitspec's baseline."""
-    target, draft = runs.load_model(pair.target_dir), runs.load_model(pair.draft_dir)
+    same budget for the target as splitspec's baseline. On a GPU both models run there (assisted generation keeps
+    its draft on the target's device)."""
+    dtype = getattr(torch, args.target_dtype)
+    target = runs.load_model(pair.target_dir, args.target_device, dtype)
+    draft = runs.load_model(pair.draft_dir, args.target_device, dtype if args.target_device == "cuda" else torch.float32)
     measured = {}
     with runs.on_cpus(cpus):
         for k in (0, config["hf_k"]):
@@ -194,8 +207,10 @@ def measure_hf(pair, cpus: list[int], prompts, config, progress) -> dict:
     return measured
 
 
-def machine(all_cpus, draft_cpus, target_cpus) -> dict:
+def machine(all_cpus, draft_cpus, target_cpus, target_device: str = "cpu", target_dtype: str = "float32") -> dict:
     return {
+        "target_device": torch.cuda.get_device_name() if target_device == "cuda" else "cpu",
+        "target_dtype": target_dtype,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "processor": platform.processor(),

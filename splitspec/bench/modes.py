@@ -35,25 +35,27 @@ SERVERS = {  # name: extra target flags
 }
 
 
-def start_target(model_dir: str, draft_address: str, cpus: list[int], log_dir: pathlib.Path, name: str):
+def start_target(model_dir: str, draft_address: str, cpus: list[int], log_dir: pathlib.Path, name: str,
+                 device: str = "cpu", dtype: str = "auto"):
     """launch.start_target's server, with the mode's flags."""
-    return launch.ServerProcess("target_server", ["--model", model_dir, "--draft", draft_address, "--device", "cpu",
-                                                  "--threads", str(len(cpus)), "--max-num-speculative-tokens", "16",
-                                                  *SERVERS[name]],
-                                log_dir / f"target-{name}.log", cpus=cpus)
+    return launch.start_target(model_dir, draft_address, cpus, log_dir, device=device, dtype=dtype,
+                               extra_args=tuple(SERVERS[name]), name=f"target-{name}")
 
 
 def run_modes(pair, draft_address: str, target_cpus: list[int], log_dir: pathlib.Path, prompts: list[list[int]],
-              stream_prompts: list[list[int]], config: dict, progress) -> dict:
+              stream_prompts: list[list[int]], config: dict, progress, device: str = "cpu",
+              dtype: str = "auto") -> dict:
     """The "modes" section of bench.json. `prompts` are timed one after another; `stream_prompts` (one per stream
-    of the largest concurrency) at once."""
+    of the largest concurrency) at once. The target servers run on `device` (their host thread on
+    `target_cpus`)."""
     k, adaptive_k, tokens = config["k"], config["adaptive_k"], config["max_new_tokens"]
     started = time.monotonic()
     servers, clients = {}, {}
     try:
         # Started side by side: most of a start is waiting on imports, and the CPUs are idle between two runs.
         with concurrent.futures.ThreadPoolExecutor(len(SERVERS)) as pool:
-            futures = {name: pool.submit(start_target, pair.target_dir, draft_address, target_cpus, log_dir, name)
+            futures = {name: pool.submit(start_target, pair.target_dir, draft_address, target_cpus, log_dir, name,
+                                         device, dtype)
                        for name in SERVERS}
             for name, future in futures.items():
                 with contextlib.suppress(Exception):  # raised again below, once every started server is kept
@@ -63,7 +65,7 @@ def run_modes(pair, draft_address: str, target_cpus: list[int], log_dir: pathlib
         for name, server in servers.items():
             clients[name] = Client(server.address, timeout=600)
             runs.run_splitspec(clients[name], prompts[:1], 4, k)  # warm-up: a fresh process's first passes are slow
-        progress(f"modes: 3 target servers up on CPUs {format_cpu_list(target_cpus)} "
+        progress(f"modes: 3 target servers up on {device}, CPUs {format_cpu_list(target_cpus)} "
                  f"({time.monotonic() - started:.0f}s)")
 
         # Every system on one prompt, then every system on the next: drift in the machine's load falls on all.

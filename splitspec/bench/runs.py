@@ -111,8 +111,8 @@ def on_cpus(cpus: list[int]):
         torch.set_num_threads(threads)
 
 
-def load_model(directory: str) -> torch.nn.Module:
-    model = models.load_causal_lm(directory, torch.device("cpu"), torch.float32)
+def load_model(directory: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    model = models.load_causal_lm(directory, torch.device(device), dtype)
     model.generation_config.eos_token_id = None  # every system generates exactly max_new_tokens
     return model
 
@@ -143,7 +143,7 @@ def run_hf(target: torch.nn.Module, draft: torch.nn.Module | None, prompts: list
         options["assistant_model"] = draft
     run = Run()
     for prompt in prompts:
-        input_ids = torch.tensor([prompt])  # [1, prompt_len]
+        input_ids = torch.tensor([prompt], device=target.device)  # [1, prompt_len]
         started = time.perf_counter_ns()
         output = target.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
                                  **options)

@@ -1,0 +1,77 @@
+"""The split as deployed: the target on the GPU, the draft on the CPU (`make test-gpu`; marker gpu, skipped where
+there is no CUDA device). Outputs must equal the target alone, token for token, with sessions batched together.
+
+The target runs in float32 here, as the reference does: greedy equality is a property of the numbers, and bf16 on
+a GPU is not bit-for-bit the CPU's float32.
+"""
+
+import pytest
+import torch
+
+from scrape import METRICS_FLAGS, scrape
+from servers import start_draft, start_target
+from splitspec import LLM, SamplingParams
+from test_batching import PROMPTS, _at_once, _mean_batch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(scope="module")
+def gpu_draft(model_dirs, log_dir):
+    draft = start_draft(model_dirs["related_draft"], log_dir, "gpu-draft", *METRICS_FLAGS)
+    yield draft
+    assert draft.stop() == 0, draft.log()
+
+
+@pytest.fixture(scope="module")
+def gpu_target(model_dirs, log_dir, gpu_draft):
+    target = start_target(model_dirs["target"], log_dir, "gpu-target", [gpu_draft.address], "--device", "cuda",
+                          *METRICS_FLAGS)
+    yield target
+    assert target.stop() == 0, target.log()
+
+
+@pytest.fixture(scope="module")
+def cuda_reference(reference):
+    """The target alone on the GPU, in float32 (HF generate)."""
+    model = reference.model.to("cuda")
+    tokenizer = reference.tokenizer
+
+    def greedy(prompt: str, max_new_tokens: int) -> list[int]:
+        input_ids = torch.tensor([tokenizer.encode(prompt)], device="cuda")
+        with torch.no_grad():
+            output = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
+        return output[0, input_ids.shape[1]:].tolist()
+
+    yield greedy
+    reference.model.to("cpu")
+
+
+def test_the_target_reports_the_gpu(gpu_target):
+    from splitspec_client import Client
+
+    with Client(gpu_target.address, timeout=60) as client:
+        info = client.info()
+    assert info.device.startswith("cuda") and info.dtype == "float32"
+
+
+def test_eight_sessions_verified_on_the_gpu_equal_the_target_alone(gpu_target, cuda_reference):
+    before = scrape(gpu_target)
+    results = _at_once(gpu_target.address, PROMPTS, max_new_tokens=40, num_speculative_tokens=3)
+    for prompt, token_ids in zip(PROMPTS, results):
+        assert token_ids == cuda_reference(prompt, 40), prompt
+    assert _mean_batch(gpu_target, before, "splitspec:batch_size") > 1.5
+
+
+def test_seeded_sampling_on_the_gpu_is_the_same_batched_or_alone(gpu_target):
+    params = dict(max_new_tokens=24, num_speculative_tokens=3, temperature=0.9, top_k=50, seed=11)
+    alone = [_at_once(gpu_target.address, [prompt], **params)[0] for prompt in PROMPTS[:4]]
+    assert _at_once(gpu_target.address, PROMPTS[:4], **params) == alone
+
+
+def test_offline_llm_with_the_target_on_the_gpu(model_dirs, cuda_reference):
+    with LLM(model=model_dirs["target"], speculative_model=model_dirs["related_draft"], num_speculative_tokens=3,
+             device="cuda", dtype="float32") as llm:
+        outputs = llm.generate(PROMPTS[:3], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+    for prompt, output in zip(PROMPTS[:3], outputs):
+        assert list(output.outputs[0].token_ids) == cuda_reference(prompt, 24), prompt
