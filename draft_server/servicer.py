@@ -39,23 +39,29 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
 
     async def Speculate(self, request_iterator, context):
         session = None
-        next_request = asyncio.ensure_future(anext(request_iterator, None))
+        # The next request, read in a task only while a block is drafted ahead (the handler then waits for either);
+        # otherwise read directly, after the block went out: one task and one wait fewer on the round's path.
+        next_request: asyncio.Future | None = None
         ahead: asyncio.Future | None = None  # the block being drafted ahead of the next verdict
         try:
             while True:
-                waiting = {next_request} if ahead is None else {next_request, ahead}
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if ahead in done:
-                    # Sent as soon as it is ready: the target may verify it without waiting for a round trip.
-                    block, ahead = ahead.result(), None
-                    if block is not None:
-                        yield draft_pb2.SpeculateResponse(block=wire.block_to_pb(block))
-                if next_request not in done:
-                    continue
-                request = next_request.result()
+                if ahead is not None:
+                    if next_request is None:
+                        next_request = asyncio.ensure_future(anext(request_iterator, None))
+                    await asyncio.wait({next_request, ahead}, return_when=asyncio.FIRST_COMPLETED)
+                    if ahead.done():
+                        # Sent as soon as it is ready: the target may verify it without waiting for a round trip.
+                        block, ahead = ahead.result(), None
+                        if block is not None:
+                            yield draft_pb2.SpeculateResponse(block=wire.block_to_pb(block))
+                    if not next_request.done():
+                        continue
+                if next_request is not None:  # read while a block was drafted ahead, perhaps still on its way
+                    request, next_request = await next_request, None
+                else:
+                    request = await anext(request_iterator, None)
                 if request is None:
                     return
-                next_request = asyncio.ensure_future(anext(request_iterator, None))
                 kind = request.WhichOneof("kind")
                 if kind == "start":
                     if session is not None:
@@ -82,7 +88,8 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                 if session.draft_ahead and num_tokens > 0:
                     ahead = asyncio.ensure_future(self.engine.draft_ahead(session, num_tokens))
         finally:
-            next_request.cancel()
+            if next_request is not None:
+                next_request.cancel()
             if ahead is not None:
                 ahead.cancel()
             if session is not None:

@@ -146,8 +146,7 @@ class ForwardBatcher:
         started = time.perf_counter_ns()
         outcomes = self._step(batch)
         elapsed = time.perf_counter_ns() - started
-        if self.on_batch is not None:
-            self.on_batch(len(batch), sum(len(job.row.token_ids) for job in batch))
+        num_tokens = sum(len(job.row.token_ids) for job in batch)
         continuing = []
         for job, (result, error) in zip(batch, outcomes):
             job.forward_ns += elapsed
@@ -157,6 +156,8 @@ class ForwardBatcher:
             else:
                 self._deliver(job, result, error, len(batch))
         self._queue.extendleft(reversed(continuing))
+        if self.on_batch is not None:  # after the results are on their way
+            self.on_batch(len(batch), num_tokens)
 
     def _step(self, batch: list[_Job]) -> list[tuple[Any, BaseException | None]]:
         """One forward over the batch, then each job's finish."""

@@ -117,6 +117,18 @@ def finish_verification(sequence: Sequence, block: CandidateBlock | None, sampli
     return verification
 
 
+def round_tokens(token_ids: list[int], num_generated: int, max_new_tokens: int,
+                 eos_token_ids: set[int]) -> tuple[list[int], str | None]:
+    """The tokens a round emits, cut after the first end-of-sequence token or at `max_new_tokens`, and why the
+    request finishes ("eos_token", "length" or None). Stop strings are the detokenizer's to find."""
+    for count, token_id in enumerate(token_ids, 1):
+        if token_id in eos_token_ids:
+            return token_ids[:count], "eos_token"
+        if num_generated + count == max_new_tokens:
+            return token_ids[:count], "length"
+    return token_ids, None
+
+
 class TargetEngine:
     def __init__(self, runner: BatchedCausalLMRunner | CausalLMRunner, tokenizer, vocabulary: Vocabulary,
                  pool: DraftPool, draft_timeout_s: float, max_draft_reopens: int = 2,
@@ -177,25 +189,26 @@ class TargetEngine:
                 verification, verify_ns, batch_size = await self.batcher.run(
                     verification_row(sequence, block),
                     functools.partial(finish_verification, sequence, block, request.sampling, generator))
+                if block is not None:
+                    sizer.record(len(block.token_ids), verification.accepted_len)
+                new_token_ids = (block.token_ids if block else [])[: verification.accepted_len]
+                emitted, finish_reason = round_tokens(new_token_ids + [verification.next_token_id], len(generated),
+                                                      request.max_new_tokens, eos_token_ids)
+                # The verdict goes first, before the detokenizing and the bookkeeping: the draft drafts the next block
+                # meanwhile. A stop string found below ends the session all the same (one block drafted in vain).
+                if finish_reason is None and block is not None:
+                    await speculation.send_verdict(block, verification,
+                                                   self._next_block_size(request, sizer, len(generated) + len(emitted)))
                 stats.rounds += 1
                 stats.verify_ns += verify_ns
                 if block is not None:
-                    sizer.record(len(block.token_ids), verification.accepted_len)
                     stats.num_drafts_ahead += block.drafted_ahead
                     stats.record_block(len(block.token_ids), verification.accepted_len)
                     self.metrics.record_block(len(block.token_ids), verification.accepted_len)
-                new_token_ids = (block.token_ids if block else [])[: verification.accepted_len]
-                emitted = []
-                for token_id in new_token_ids + [verification.next_token_id]:
-                    emitted.append(token_id)
+                for count, token_id in enumerate(emitted, 1):
                     detokenizer.add_token(token_id)
                     if detokenizer.stopped:
-                        finish_reason = "stop_sequence"
-                    elif token_id in eos_token_ids:
-                        finish_reason = "eos_token"
-                    elif len(generated) + len(emitted) == request.max_new_tokens:
-                        finish_reason = "length"
-                    if finish_reason:
+                        emitted, finish_reason = emitted[:count], "stop_sequence"
                         break
                 generated += emitted
                 now = time.perf_counter_ns()
@@ -223,10 +236,6 @@ class TargetEngine:
                              extra={"request_id": request.request_id})
                     yield GenerationUpdate(emitted, detokenizer.take_delta(final=True), finish_reason, stats, timing)
                     return
-                # The verdict goes first: the draft drafts the next block while the client is sent this one's tokens.
-                if block is not None:
-                    await speculation.send_verdict(block, verification,
-                                                   self._next_block_size(request, sizer, len(generated)))
                 yield GenerationUpdate(emitted, detokenizer.take_delta(final=False), round_timing=timing)
         finally:
             self.batcher.release(sequence)

@@ -285,10 +285,10 @@ def test_the_model_worker_survives_failures_and_continues_jobs_on_its_thread():
 
         result, forward_ns, batch_size = await batcher.run(ForwardRow(_Sequence(), [10], 1), step)
         assert (result, fed, batch_size) == (12, [10, 11, 12], 1) and forward_ns > 0
-        # A bug outside the forward (here in the metrics callback) fails that batch, not the worker.
+        # A bug in the metrics callback (told after the results are on their way) fails neither them nor the
+        # worker.
         batcher.on_batch = lambda rows, tokens: 1 / 0
-        with pytest.raises(ZeroDivisionError):
-            await batcher.run(ForwardRow(_Sequence(), [4], 1))
+        assert (await batcher.run(ForwardRow(_Sequence(), [4], 1), lambda logits: int(logits)))[0] == 4
         batcher.on_batch = None
         assert (await batcher.run(ForwardRow(_Sequence(), [5], 1), lambda logits: int(logits)))[0] == 5
         batcher.shutdown()

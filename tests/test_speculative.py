@@ -175,3 +175,13 @@ def test_expected_tokens_and_ideal_speedup():
     assert ideal_speedup(0.5, 2, draft_step_cost=0.1, verify_cost=1.2) == pytest.approx(1.75 / 1.4)
     with pytest.raises(ValueError, match="acceptance_rate"):
         expected_tokens_per_round(1.5, 2)
+
+
+def test_a_round_emits_its_tokens_up_to_the_first_eos_or_the_length_limit():
+    from target_server.engine import round_tokens
+
+    assert round_tokens([5, 6, 7], 0, 10, {2}) == ([5, 6, 7], None)
+    assert round_tokens([5, 2, 7], 0, 10, {2}) == ([5, 2], "eos_token")
+    assert round_tokens([5, 6, 7], 8, 10, {2}) == ([5, 6], "length")
+    assert round_tokens([2, 6, 7], 9, 10, {2}) == ([2], "eos_token")  # eos first when both end the request
+    assert round_tokens([5, 6, 7], 7, 10, set()) == ([5, 6, 7], "length")
