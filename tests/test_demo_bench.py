@@ -162,6 +162,7 @@ def test_bench_quick_runs_end_to_end_and_writes_its_fields(models_dir, tmp_path)
     for row in modes["concurrency"]:
         assert 1 <= row["mean_batch_size"] <= row["streams"], row
     assert 0 < results["grpc_rtt"]["p50_ms"] <= results["grpc_rtt"]["p95_ms"]
+    assert results["grpc_rtt"]["idle_p50_ms"] > 0
     for row in [*modes["pipelining"], modes["adaptive"], *modes["concurrency"]]:
         assert row["same_tokens_as_baseline"] and row["fallbacks"] == 0, row
     assert "| streams |" in result.stdout

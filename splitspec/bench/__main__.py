@@ -152,7 +152,9 @@ def sweep(config: dict, args, progress: Progress) -> dict:
             results["modes"] = measure_modes(config, args, draft.address, target_cpus, log_dir, prompts, tokenizer,
                                              progress)
         results["grpc_rtt"] = grpc_rtt.measure(draft_cpus, target_cpus)
-        progress(f"bare gRPC bidi round trip between the halves' CPUs: p50 {results['grpc_rtt']['p50_ms']:.2f} ms")
+        rtt = results["grpc_rtt"]
+        progress(f"bare gRPC bidi round trip between the halves' CPUs: p50 {rtt['p50_ms']:.2f} ms back to back, "
+                 f"{rtt['idle_p50_ms']:.2f} ms after {rtt['idle_ms']:g} ms idle")
     finally:
         launch.stop_all([draft])
     return results

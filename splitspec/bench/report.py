@@ -119,7 +119,8 @@ def table(results: dict) -> str:
     if "grpc_rtt" in results:
         rtt = results["grpc_rtt"]
         lines.append(f"\nthe floor: a bare gRPC bidi round trip between the halves' CPUs, p50/p95 {rtt['p50_ms']:.2f} / "
-                     f"{rtt['p95_ms']:.2f} ms")
+                     f"{rtt['p95_ms']:.2f} ms back to back, p50 {rtt['idle_p50_ms']:.2f} ms after "
+                     f"{rtt['idle_ms']:g} ms idle (as in a round)")
     for base in results["baselines"]:
         lines.append(f"\ntarget-only baseline at alpha knob {base['acceptance_knob']:.2f}: "
                      f"{base['tokens_per_s']:.1f} tok/s, target step {base['target_step_ms']:.1f} ms, "
