@@ -20,11 +20,15 @@ LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 
 def split_cpus(cpus: list[int], target_on_gpu: bool = False) -> tuple[list[int], list[int]]:
     """(draft CPUs, target CPUs). A CPU target does the heavy forward passes: it gets three quarters, the draft at
-    least one CPU. A GPU target needs one CPU to drive the GPU, and the draft gets the others. With a single CPU
-    both share it."""
+    least one CPU. A GPU target needs a CPU to drive the GPU (its model worker) and, from 4 CPUs on, a second one
+    for its event loop and gRPC, so that streaming and launching kernels do not take turns; the draft gets the
+    others. With a single CPU both share it."""
     if len(cpus) < 2:
         return list(cpus), list(cpus)
-    num_draft = len(cpus) - 1 if target_on_gpu else max(1, len(cpus) // 4)
+    if target_on_gpu:
+        num_draft = len(cpus) - (2 if len(cpus) >= 4 else 1)
+    else:
+        num_draft = max(1, len(cpus) // 4)
     return list(cpus[:num_draft]), list(cpus[num_draft:])
 
 

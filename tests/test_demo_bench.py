@@ -195,3 +195,13 @@ def test_forced_acceptance_decoding_counts():
     half = cuda.decode_forced(target, draft, prompt, 300, 4, 0.5, generator)
     # accepted / drafted = (0.5 + 0.25 + 0.125 + 0.0625) / 4 = 0.23 in expectation
     assert 0.15 < half["num_accepted_tokens"] / half["num_draft_tokens"] < 0.32
+
+
+def test_cpus_split_between_the_halves():
+    from splitspec.launch import split_cpus
+
+    assert split_cpus([0]) == ([0], [0])
+    assert split_cpus([0, 1]) == ([0], [1])
+    assert split_cpus(list(range(8))) == ([0, 1], [2, 3, 4, 5, 6, 7])  # a CPU target does the heavy passes
+    assert split_cpus([0, 1], target_on_gpu=True) == ([0], [1])
+    assert split_cpus(list(range(16)), target_on_gpu=True) == (list(range(14)), [14, 15])

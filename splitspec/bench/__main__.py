@@ -122,15 +122,20 @@ def sweep(config: dict, args, progress: Progress) -> dict:
                                             demo_models.SHAPES[config["shape"]].text_modules)
     prompts = [tokenizer.encode(text) for text in PROMPTS[: config["prompts"]]]
     all_cpus = sorted(os.sched_getaffinity(0))
-    draft_cpus, target_cpus = launch.split_cpus(all_cpus, target_on_gpu=args.target_device == "cuda")
+    # From 8 CPUs on, the bench's own client threads get a CPU of their own: on the draft's, they would hold up
+    # its OpenMP team; on the target's, its event loop.
+    server_cpus, client_cpus = (all_cpus[:-1], all_cpus[-1:]) if len(all_cpus) >= 8 else (all_cpus, all_cpus)
+    draft_cpus, target_cpus = launch.split_cpus(server_cpus, target_on_gpu=args.target_device == "cuda")
     # Every pair's draft is the same model (the first layer is never scaled): one draft server serves them all.
     draft_model = runs.load_model(first.draft_dir)
-    results = {"config": config, "machine": machine(all_cpus, draft_cpus, target_cpus, args.target_device,
-                                                    args.target_dtype),
+    results = {"config": config, "machine": machine(all_cpus, draft_cpus, target_cpus, client_cpus,
+                                                    args.target_device, args.target_dtype),
                "baselines": [], "runs": []}
     log_dir = pathlib.Path(tempfile.mkdtemp(prefix="splitspec-bench-"))
-    draft = launch.start_draft(first.draft_dir, draft_cpus, log_dir)
+    os.sched_setaffinity(0, client_cpus)  # the servers pin themselves (or are pinned) to theirs
+    draft = None
     try:
+        draft = launch.start_draft(first.draft_dir, draft_cpus, log_dir)
         for acceptance, pair in pairs.items():
             # The only compute the target's stats do not carry; measured again for each pair, as the machine's
             # load drifts.
@@ -156,7 +161,8 @@ def sweep(config: dict, args, progress: Progress) -> dict:
         progress(f"bare gRPC bidi round trip between the halves' CPUs: p50 {rtt['p50_ms']:.2f} ms back to back, "
                  f"{rtt['idle_p50_ms']:.2f} ms after {rtt['idle_ms']:g} ms idle")
     finally:
-        launch.stop_all([draft])
+        launch.stop_all([draft] if draft else [])
+        os.sched_setaffinity(0, all_cpus)
     return results
 
 
@@ -209,7 +215,8 @@ def measure_hf(pair, cpus: list[int], prompts, config, args, progress) -> dict:
     return measured
 
 
-def machine(all_cpus, draft_cpus, target_cpus, target_device: str = "cpu", target_dtype: str = "float32") -> dict:
+def machine(all_cpus, draft_cpus, target_cpus, client_cpus, target_device: str = "cpu",
+            target_dtype: str = "float32") -> dict:
     return {
         "target_device": torch.cuda.get_device_name() if target_device == "cuda" else "cpu",
         "target_dtype": target_dtype,
@@ -219,6 +226,7 @@ def machine(all_cpus, draft_cpus, target_cpus, target_device: str = "cpu", targe
         "cpus": format_cpu_list(all_cpus),
         "draft_cpus": format_cpu_list(draft_cpus),
         "target_cpus": format_cpu_list(target_cpus),
+        "client_cpus": format_cpu_list(client_cpus),
         "hf_cpus": format_cpu_list(target_cpus),
         "torch": torch.__version__,
         "python": platform.python_version(),
