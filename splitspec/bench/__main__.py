@@ -7,7 +7,7 @@ same prompts, over a sweep of acceptance rates (demo pairs, `splitspec.demo_mode
     python -m splitspec.bench --target-device cuda   # the sweep with the target server on the GPU
 
 After the sweep, the modes (splitspec/bench/modes.py; --no-modes skips them): pipelined vs sequential, adaptive vs
-fixed k, and 1/2/4/8 concurrent streams, on the alpha 0.9 pair.
+fixed k, and 1/2/4/8 concurrent streams, on the alpha 0.9 pair (--modes-acceptance picks another).
 
 Writes OUTPUT/bench.json and OUTPUT/bench.png, and prints a table. Read the speedups as ratios: the draft and the
 target share one small machine here, and the absolute times count only on a GPU.
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", action=argparse.BooleanOptionalAction, default=True,
                         help="After the sweep, compare pipelined vs sequential, adaptive vs fixed k and concurrent "
                              "streams on the alpha 0.9 pair (splitspec/bench/modes.py).")
+    parser.add_argument("--modes-acceptance", type=float, default=None,
+                        help="Alpha knob of the pair the modes run on (default: 0.9).")
     parser.add_argument("--models-dir", type=pathlib.Path, default=None,
                         help=f"Where demo pairs are cached. Default: {demo_models.default_cache_dir()}.")
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("bench-results"),
@@ -95,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     config["hf_k"] = 4 if 4 in config["ks"] else config["ks"][-1]
     if args.modes:
         config["modes"] = dict(modes.QUICK if args.quick else modes.DEFAULTS)
+        if args.modes_acceptance is not None:
+            low, high = demo_models.acceptance_range(demo_models.SHAPES[config["shape"]])
+            if not low <= args.modes_acceptance <= high:
+                build_parser().error(f"--modes-acceptance must be in [{low}, {high}] for the {config['shape']} pairs")
+            config["modes"]["acceptance"] = args.modes_acceptance
     progress = Progress()
     try:
         results = sweep(config, args, progress)

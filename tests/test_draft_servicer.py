@@ -1,0 +1,108 @@
+"""The draft's Speculate handler, in this process with a scripted engine: the order it reads requests and sends
+blocks in when a block drafted ahead and the next verdict race (the model path is covered end to end elsewhere)."""
+
+import asyncio
+
+from draft_server.servicer import DraftServicer
+from splitspec import wire
+from splitspec.models import Vocabulary
+from splitspec.protocol import CandidateBlock, SessionStart, Verdict
+from splitspec.sampling import SamplingParams
+from splitspec_client.v1 import draft_pb2
+
+VOCABULARY = Vocabulary(vocab_size=16, eos_token_ids=(), bos_token_id=-1, pad_token_id=-1, tokenizer_fingerprint="")
+
+
+def _block(index: int, start: int, ahead: bool) -> CandidateBlock:
+    return CandidateBlock(index, start, [1, 2], [], 0, 3, ahead)
+
+
+class _Session:
+    draft_ahead = True
+    pending_verdict = None
+
+    def keeps_ahead_block(self, verdict: Verdict) -> bool:
+        return verdict.accepted_len == 2
+
+
+class _ScriptedEngine:
+    """Block 0 at start; a block drafted ahead as soon as asked (or when `ahead_gate` opens); `step` drafts anew."""
+
+    def __init__(self, ahead_gate: asyncio.Event | None = None):
+        self.session = _Session()
+        self.ahead_gate = ahead_gate
+        self.events: list[str] = []
+        self.closed = False
+
+    async def start_session(self, start):
+        self.events.append("start")
+        return self.session, _block(0, 5, False)
+
+    async def draft_ahead(self, session, num_tokens):
+        if self.ahead_gate is not None:
+            await self.ahead_gate.wait()
+        self.events.append("ahead")
+        return _block(1, 8, True)
+
+    async def step(self, session, verdict):
+        self.events.append(f"step {verdict.block_index}")
+        return None if verdict.accepted_len == 2 else _block(9, 6, False)
+
+    def close_session(self, session):
+        self.closed = True
+
+
+def _start() -> draft_pb2.SpeculateRequest:
+    start = SessionStart([1, 2, 3], SamplingParams(), 2, VOCABULARY, "r", draft_ahead=True)
+    return draft_pb2.SpeculateRequest(start=wire.session_start_to_pb(start))
+
+
+def _verdict(block_index: int, accepted_len: int, num_tokens: int = 2) -> draft_pb2.SpeculateRequest:
+    verdict = Verdict(block_index, accepted_len, 4, 5 + accepted_len, num_tokens)
+    return draft_pb2.SpeculateRequest(verdict=wire.verdict_to_pb(verdict))
+
+
+async def _run(engine, requests, verdict_gate: asyncio.Event):
+    async def request_iterator():
+        yield requests[0]
+        await verdict_gate.wait()  # the target is still verifying block 0
+        for request in requests[1:]:
+            yield request
+
+    servicer = DraftServicer(engine, description=None)
+    sent = []
+    async for response in servicer.Speculate(request_iterator(), context=None):
+        block = response.block
+        sent.append((block.block_index, block.drafted_ahead))
+        if len(sent) == 2 or (block.block_index == 0 and engine.ahead_gate is not None):
+            verdict_gate.set()
+    return sent
+
+
+def test_a_block_drafted_ahead_goes_out_before_the_verdict_arrives_and_the_verdict_is_read_after():
+    async def scenario():
+        engine = _ScriptedEngine()
+        sent = await _run(engine, [_start(), _verdict(0, 2, 0)], asyncio.Event())
+        return engine, sent
+
+    engine, sent = asyncio.run(scenario())
+    # Block 1 (drafted ahead) was sent while the verdict on block 0 was still unread; the full acceptance kept it.
+    assert sent == [(0, False), (1, True)]
+    assert engine.events == ["start", "ahead", "step 0"] and engine.closed
+
+
+def test_a_verdict_that_arrives_while_drafting_ahead_waits_for_that_block():
+    async def scenario():
+        gate = asyncio.Event()
+        engine = _ScriptedEngine(ahead_gate=gate)
+        verdict_gate = asyncio.Event()
+        task = asyncio.ensure_future(_run(engine, [_start(), _verdict(0, 1, 0)], verdict_gate))
+        await asyncio.sleep(0.05)  # the verdict (a rejection) is in while block 1 is still being drafted
+        gate.set()
+        return engine, await task
+
+    engine, sent = asyncio.run(scenario())
+    # The rejected guess drops block 1 unsent; the step drafts the replacement.
+    assert sent == [(0, False), (9, False)]
+    assert engine.events == ["start", "ahead", "step 0"] and engine.closed
+    assert engine.session.pending_verdict is not None
