@@ -75,3 +75,52 @@ def test_offline_llm_with_the_target_on_the_gpu(model_dirs, cuda_reference):
         outputs = llm.generate(PROMPTS[:3], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
     for prompt, output in zip(PROMPTS[:3], outputs):
         assert list(output.outputs[0].token_ids) == cuda_reference(prompt, 24), prompt
+
+
+def test_pooled_batches_in_bfloat16_on_the_gpu_stay_close_to_one_cache_per_sequence():
+    """The production dtype: batching changes bf16 logits by rounding only (docs/architecture.md §6)."""
+    import random
+
+    from splitspec.kv_cache import CausalLMRunner, ForwardRow
+    from splitspec.kv_pool import BatchedCausalLMRunner
+    from tiny_models import build_llama
+
+    model = build_llama(seed=0).to("cuda", torch.bfloat16)
+    alone, batched = CausalLMRunner(model), BatchedCausalLMRunner(model)
+    rng = random.Random(0)
+    pairs = []
+    for _ in range(6):
+        prompt = [rng.randrange(3, 384) for _ in range(rng.randrange(1, 40))]
+        pairs.append((alone.new_sequence(prompt), batched.new_sequence(prompt)))
+    agree = total = 0
+    for _ in range(10):
+        rows, expected = [], []
+        for reference, pooled in pairs:
+            new_tokens = [rng.randrange(3, 384) for _ in range(rng.randrange(1, 6))]
+            reference.token_ids += new_tokens
+            pooled.token_ids += new_tokens
+            fed = reference.uncached_token_ids()
+            expected.append(alone.forward(reference, fed, len(fed)))
+            rows.append(ForwardRow(pooled, fed, len(fed)))
+        for want, got in zip(expected, batched.forward_batch(rows)):
+            assert got.dtype == want.dtype and got.shape == want.shape
+            torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)
+            agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+            total += got.shape[0]
+    assert agree / total > 0.9, (agree, total)
+
+
+def test_a_bfloat16_target_on_the_gpu_serves_speculative_sessions(model_dirs, log_dir, gpu_draft):
+    from splitspec_client import Client
+
+    target = start_target(model_dirs["target"], log_dir, "gpu-bf16-target", [gpu_draft.address], "--device", "cuda",
+                          "--dtype", "bfloat16")
+    try:
+        results = _at_once(target.address, PROMPTS, max_new_tokens=24, num_speculative_tokens=3)
+        assert [len(token_ids) for token_ids in results] == [24] * len(PROMPTS)
+        with Client(target.address, timeout=60) as client:
+            result = client.generate(PROMPTS[0], max_new_tokens=24, ignore_eos=True, num_speculative_tokens=3)
+            assert client.info().dtype == "bfloat16"
+        assert result.stats.num_drafts > 0 and not result.stats.fallback_reason
+    finally:
+        assert target.stop() == 0, target.log()
