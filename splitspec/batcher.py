@@ -156,8 +156,11 @@ class ForwardBatcher:
             else:
                 self._deliver(job, result, error, len(batch))
         self._queue.extendleft(reversed(continuing))
-        if self.on_batch is not None:  # after the results are on their way
-            self.on_batch(len(batch), num_tokens)
+        if self.on_batch is not None:  # after the results are on their way; metrics never fail a job
+            try:
+                self.on_batch(len(batch), num_tokens)
+            except Exception:  # noqa: BLE001
+                log.exception("model worker %s: the batch metrics callback failed", self.thread_name)
 
     def _step(self, batch: list[_Job]) -> list[tuple[Any, BaseException | None]]:
         """One forward over the batch, then each job's finish."""

@@ -27,6 +27,22 @@ PROMPTS = ["The quick brown fox", "def wrap(text, width=70):", "Beautiful is bet
            "import os", "Errors should never pass silently.", "class Wrapper:", "Flat is better than nested."]
 
 
+def sequence_pairs(alone: CausalLMRunner, batched: BatchedCausalLMRunner, rng: random.Random, count: int = 6):
+    """`count` random prompts, each as a sequence of the unbatched runner and one of the pooled runner."""
+    pairs = []
+    for _ in range(count):
+        prompt = [rng.randrange(3, 384) for _ in range(rng.randrange(1, 40))]
+        pairs.append((alone.new_sequence(prompt), batched.new_sequence(prompt)))
+    return pairs
+
+
+def extend_both(reference, pooled, rng: random.Random, most: int) -> None:
+    """The same 1 to `most` random tokens appended to both sequences of a pair."""
+    new_tokens = [rng.randrange(3, 384) for _ in range(rng.randrange(1, most + 1))]
+    reference.token_ids += new_tokens
+    pooled.token_ids += new_tokens
+
+
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                         reason="needs a CUDA device")])
 
@@ -42,19 +58,14 @@ def test_pooled_batches_match_one_dynamic_cache_per_sequence(attention, device):
     batched = BatchedCausalLMRunner(model, KVPool(model.config.num_hidden_layers, initial_slots=1,
                                                   initial_capacity=8))
     rng = random.Random(0)
-    pairs = []
-    for _ in range(6):
-        prompt = [rng.randrange(3, 384) for _ in range(rng.randrange(1, 40))]
-        pairs.append((alone.new_sequence(prompt), batched.new_sequence(prompt)))
+    pairs = sequence_pairs(alone, batched, rng)
     rows_checked = largest_batch = 0
     for _ in range(25):
         rows, expected = [], []
         for reference, pooled in pairs:
             if rng.random() < 0.3:
                 continue  # not every session is ready at every step
-            new_tokens = [rng.randrange(3, 384) for _ in range(rng.randrange(1, 9))]
-            reference.token_ids += new_tokens
-            pooled.token_ids += new_tokens
+            extend_both(reference, pooled, rng, 8)
             fed = reference.uncached_token_ids()
             assert pooled.uncached_token_ids() == fed
             keep = rng.randrange(1, len(fed) + 1)
@@ -285,10 +296,12 @@ def test_the_model_worker_survives_failures_and_continues_jobs_on_its_thread():
 
         result, forward_ns, batch_size = await batcher.run(ForwardRow(_Sequence(), [10], 1), step)
         assert (result, fed, batch_size) == (12, [10, 11, 12], 1) and forward_ns > 0
-        # A bug in the metrics callback (told after the results are on their way) fails neither them nor the
-        # worker.
+        # A bug in the metrics callback fails neither the batch's jobs (continuing ones included) nor the worker.
         batcher.on_batch = lambda rows, tokens: 1 / 0
-        assert (await batcher.run(ForwardRow(_Sequence(), [4], 1), lambda logits: int(logits)))[0] == 4
+        fed.clear()
+        results = await asyncio.gather(batcher.run(ForwardRow(_Sequence(), [4], 1), lambda logits: int(logits)),
+                                       batcher.run(ForwardRow(_Sequence(), [10], 1), step))
+        assert [result[0] for result in results] == [4, 12]
         batcher.on_batch = None
         assert (await batcher.run(ForwardRow(_Sequence(), [5], 1), lambda logits: int(logits)))[0] == 5
         batcher.shutdown()
@@ -296,4 +309,4 @@ def test_the_model_worker_survives_failures_and_continues_jobs_on_its_thread():
             await batcher.run(ForwardRow(_Sequence(), [6], 1))
 
     asyncio.run(scenario())
-    assert [4] in runner.batches and [5] in runner.batches
+    assert [4, 10] in runner.batches and [5] in runner.batches

@@ -1,17 +1,24 @@
 """The split as deployed: the target on the GPU, the draft on the CPU (`make test-gpu`; marker gpu, skipped where
 there is no CUDA device). Outputs must equal the target alone, token for token, with sessions batched together.
 
-The target runs in float32 here, as the reference does: greedy equality is a property of the numbers, and bf16 on
-a GPU is not bit-for-bit the CPU's float32.
+The equality tests run the target in float32, as the reference does: greedy equality is a property of the numbers.
+Two more check bfloat16, the production dtype, where batching may change logits by rounding (docs/architecture.md
+§6): pooled batches stay within it, and a bf16 target serves speculative sessions.
 """
+
+import random
 
 import pytest
 import torch
+from splitspec_client import Client
 
 from scrape import METRICS_FLAGS, scrape
 from servers import start_draft, start_target
 from splitspec import LLM, SamplingParams
-from test_batching import PROMPTS, _at_once, _mean_batch
+from splitspec.kv_cache import CausalLMRunner, ForwardRow
+from splitspec.kv_pool import BatchedCausalLMRunner
+from test_batching import PROMPTS, _at_once, _mean_batch, extend_both, sequence_pairs
+from tiny_models import build_llama
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -48,8 +55,6 @@ def cuda_reference(reference):
 
 
 def test_the_target_reports_the_gpu(gpu_target):
-    from splitspec_client import Client
-
     with Client(gpu_target.address, timeout=60) as client:
         info = client.info()
     assert info.device.startswith("cuda") and info.dtype == "float32"
@@ -79,26 +84,15 @@ def test_offline_llm_with_the_target_on_the_gpu(model_dirs, cuda_reference):
 
 def test_pooled_batches_in_bfloat16_on_the_gpu_stay_close_to_one_cache_per_sequence():
     """The production dtype: batching changes bf16 logits by rounding only (docs/architecture.md §6)."""
-    import random
-
-    from splitspec.kv_cache import CausalLMRunner, ForwardRow
-    from splitspec.kv_pool import BatchedCausalLMRunner
-    from tiny_models import build_llama
-
     model = build_llama(seed=0).to("cuda", torch.bfloat16)
     alone, batched = CausalLMRunner(model), BatchedCausalLMRunner(model)
     rng = random.Random(0)
-    pairs = []
-    for _ in range(6):
-        prompt = [rng.randrange(3, 384) for _ in range(rng.randrange(1, 40))]
-        pairs.append((alone.new_sequence(prompt), batched.new_sequence(prompt)))
+    pairs = sequence_pairs(alone, batched, rng)
     agree = total = 0
     for _ in range(10):
         rows, expected = [], []
         for reference, pooled in pairs:
-            new_tokens = [rng.randrange(3, 384) for _ in range(rng.randrange(1, 6))]
-            reference.token_ids += new_tokens
-            pooled.token_ids += new_tokens
+            extend_both(reference, pooled, rng, 5)
             fed = reference.uncached_token_ids()
             expected.append(alone.forward(reference, fed, len(fed)))
             rows.append(ForwardRow(pooled, fed, len(fed)))
@@ -111,8 +105,6 @@ def test_pooled_batches_in_bfloat16_on_the_gpu_stay_close_to_one_cache_per_seque
 
 
 def test_a_bfloat16_target_on_the_gpu_serves_speculative_sessions(model_dirs, log_dir, gpu_draft):
-    from splitspec_client import Client
-
     target = start_target(model_dirs["target"], log_dir, "gpu-bf16-target", [gpu_draft.address], "--device", "cuda",
                           "--dtype", "bfloat16")
     try:

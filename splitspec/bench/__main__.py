@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cpu: the sweep on this machine. cuda: a 7B-shaped target on the GPU, a 68M-shaped "
                              "draft on the CPU, acceptance forced (see splitspec/bench/cuda.py).")
     parser.add_argument("--target-device", default="cpu", choices=["cpu", "cuda"],
-                        help="Where the sweep's target servers (and Hugging Face's models) run. cuda: the draft "
-                             "server gets every CPU but one, the target's host thread that one.")
+                        help="Where the sweep's target servers (and Hugging Face's models) run. cuda: the target "
+                             "process gets two CPUs (one below 4), the draft server the others but one for this "
+                             "process's client from 8 CPUs on (launch.split_cpus).")
     parser.add_argument("--target-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="The target's dtype (float32: outputs comparable token for token across systems).")
     parser.add_argument("--acceptances", type=float, nargs="+", help="Alpha knobs of the demo pairs swept.")
@@ -209,9 +210,10 @@ def measure_hf(pair, cpus: list[int], prompts, config, args, progress) -> dict:
     """{0: target alone, hf_k: assisted generation} in this process, on the target server's CPUs and threads: the
     same budget for the target as splitspec's baseline. On a GPU both models run there (assisted generation keeps
     its draft on the target's device)."""
-    dtype = getattr(torch, args.target_dtype)
-    target = runs.load_model(pair.target_dir, args.target_device, dtype)
-    draft = runs.load_model(pair.draft_dir, args.target_device, dtype if args.target_device == "cuda" else torch.float32)
+    target_dtype = getattr(torch, args.target_dtype)
+    draft_dtype = target_dtype if args.target_device == "cuda" else torch.float32  # as the draft server on a CPU
+    target = runs.load_model(pair.target_dir, args.target_device, target_dtype)
+    draft = runs.load_model(pair.draft_dir, args.target_device, draft_dtype)
     measured = {}
     with runs.on_cpus(cpus):
         for k in (0, config["hf_k"]):
