@@ -196,6 +196,8 @@ class TargetEngine:
                                                       request.max_new_tokens, eos_token_ids)
                 # The verdict goes first, before the detokenizing and the bookkeeping: the draft drafts the next block
                 # meanwhile. A stop string found below ends the session all the same (one block drafted in vain).
+                # Rounds are timed verdict to verdict, so the next block's drafting falls within the next round.
+                decided = time.perf_counter_ns()
                 if finish_reason is None and block is not None:
                     await speculation.send_verdict(block, verification,
                                                    self._next_block_size(request, sizer, len(generated) + len(emitted)))
@@ -218,9 +220,9 @@ class TargetEngine:
                 else:
                     self.metrics.record_inter_token(len(emitted), (now - last_update) / 1e9)
                 last_update = now
-                timing = RoundTiming(now - round_started, draft_wait_ns, block.draft_ns if block else 0, verify_ns,
-                                     bool(block and block.drafted_ahead), batch_size)
-                round_started = now
+                timing = RoundTiming(decided - round_started, draft_wait_ns, block.draft_ns if block else 0,
+                                     verify_ns, bool(block and block.drafted_ahead), batch_size)
+                round_started = decided
                 if finish_reason:
                     await speculation.close()
                     detokenizer.flush()

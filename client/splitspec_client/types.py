@@ -103,7 +103,7 @@ class RoundTiming:
     @property
     def overhead_ns(self) -> int:
         """The round's time outside the draft's and the target's model work (gRPC, event loops, scheduling, the
-        target's bookkeeping). Exact for a block drafted after the previous verdict. A block drafted ahead overlapped
+        target's bookkeeping before its verdict). Exact for a block drafted after the previous verdict. A block drafted ahead overlapped
         other work and counts none of its drafting; so does the first block, drafted while the target prefilled."""
         draft_ns = 0 if self.drafted_ahead else self.block_draft_ns
         return self.round_ns - self.verify_ns - draft_ns
