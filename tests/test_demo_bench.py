@@ -174,6 +174,16 @@ def test_bench_quick_runs_end_to_end_and_writes_its_fields(models_dir, tmp_path)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
+def test_bench_with_the_target_on_a_gpu_says_there_is_none(capsys, tmp_path):
+    from splitspec.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--target-device", "cuda", "--quick", "--output", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--target-device cuda: no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
 def test_bench_cuda_mode_is_skipped_without_a_gpu(capsys, tmp_path):
     from splitspec.bench.__main__ import main
 

@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         from splitspec.bench.cuda import run_cuda
 
         return run_cuda(args)
+    if args.target_device == "cuda" and not torch.cuda.is_available():
+        build_parser().error("--target-device cuda: no CUDA device on this machine")
     config = dict(QUICK if args.quick else DEFAULTS)
     for key in ("acceptances", "ks", "prompts", "max_new_tokens"):
         if getattr(args, key) is not None:
