@@ -104,7 +104,7 @@ class InProcessDraft:
         from draft_server.engine import DraftEngine, DraftLimits
         from draft_server.servicer import DraftServerDescription
         from splitspec import models, topology
-        from splitspec.kv_pool import runner_for
+        from splitspec.server_cli import build_runner
 
         model = models.load_causal_lm(model_id, device, dtype)
         vocabulary = models.vocabulary_of(model, models.load_tokenizer(model_id, required=False))
@@ -115,7 +115,7 @@ class InProcessDraft:
             max_draft_support=defaults.get_default("max_draft_support"),
             max_sessions=defaults.get_default("max_sessions"),
         )
-        self.engine = DraftEngine(runner_for(model)[0], vocabulary, limits,
+        self.engine = DraftEngine(build_runner(model, log), vocabulary, limits,
                                   max_batch_size=defaults.get_default("max_num_seqs"),
                                   max_batch_tokens=defaults.get_default("max_num_batched_tokens"))
         flags = topology.read_topology().cpu_flags

@@ -212,7 +212,7 @@ class LLM:
     def _start(self, tokenizer: str | None, cpu_draft_worker: bool, draft_cpus: list[int] | None,
                draft_numa_node: int | None) -> None:
         from splitspec import models
-        from splitspec.kv_pool import runner_for
+        from splitspec.server_cli import build_runner
         from target_server.cli import build_parser
         from target_server.draft_pool import DraftPool
         from target_server.engine import TargetEngine
@@ -242,7 +242,7 @@ class LLM:
                 raise ValueError(f"speculative_model {self.speculative_model!r} cannot draft for {self.model!r}: "
                                  f"{endpoint.error}")
         defaults = build_parser()
-        runtime.engine = TargetEngine(runner_for(target)[0], self.tokenizer, vocabulary, runtime.pool,
+        runtime.engine = TargetEngine(build_runner(target, log), self.tokenizer, vocabulary, runtime.pool,
                                       defaults.get_default("draft_timeout"),
                                       max_batch_size=defaults.get_default("max_num_seqs"),
                                       max_batch_tokens=defaults.get_default("max_num_batched_tokens"))

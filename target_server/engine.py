@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import torch
 from prometheus_client import CollectorRegistry
+from splitspec_client import RoundTiming  # the wire's round timing, one definition for the SDK and the server
 
 from splitspec.batcher import ForwardBatcher
 from splitspec.kv_cache import CausalLMRunner, ForwardRow, Sequence
@@ -64,18 +65,6 @@ class GenerationStats:
             self.num_accepted_tokens_per_pos += [0] * (num_draft_tokens - len(self.num_accepted_tokens_per_pos))
         for position in range(accepted_len):
             self.num_accepted_tokens_per_pos[position] += 1
-
-
-@dataclasses.dataclass(frozen=True)
-class RoundTiming:
-    """One round's time, in nanoseconds; see RoundTiming in proto/splitspec/v1/target.proto."""
-
-    round_ns: int
-    draft_wait_ns: int
-    block_draft_ns: int
-    verify_ns: int
-    drafted_ahead: bool
-    batch_size: int
 
 
 @dataclasses.dataclass

@@ -101,12 +101,18 @@ class RoundTiming:
     batch_size: int
 
     @property
+    def waited_draft_ns(self) -> int:
+        """The draft's compute this round waited for: the block's, unless it was drafted ahead (while the previous
+        round verified)."""
+        return 0 if self.drafted_ahead else self.block_draft_ns
+
+    @property
     def overhead_ns(self) -> int:
         """The round's time outside the draft's and the target's model work (gRPC, event loops, scheduling, the
-        target's bookkeeping before its verdict). Exact for a block drafted after the previous verdict. A block drafted ahead overlapped
-        other work and counts none of its drafting; so does the first block, drafted while the target prefilled."""
-        draft_ns = 0 if self.drafted_ahead else self.block_draft_ns
-        return self.round_ns - self.verify_ns - draft_ns
+        target's bookkeeping before its verdict). Exact for a block drafted after the previous verdict. A block
+        drafted ahead overlapped other work and counts none of its drafting; so does the first block, drafted while
+        the target prefilled."""
+        return self.round_ns - self.verify_ns - self.waited_draft_ns
 
     @classmethod
     def from_pb(cls, pb: target_pb2.RoundTiming) -> RoundTiming:

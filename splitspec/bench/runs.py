@@ -53,7 +53,7 @@ class Run:
         for timing in timings:
             self.round_ns.append(timing.round_ns)
             self.round_verify_ns.append(timing.verify_ns)
-            self.round_waited_draft_ns.append(0 if timing.drafted_ahead else timing.block_draft_ns)
+            self.round_waited_draft_ns.append(timing.waited_draft_ns)
             self.round_overhead_ns.append(timing.overhead_ns)
             self.round_batch_sizes.append(timing.batch_size)
 
