@@ -95,3 +95,10 @@ def ideal_speedup(acceptance_rate: float, k: int, draft_step_cost: float, verify
     `draft_step_cost` (one draft step) and `verify_cost` (one target forward over k+1 positions) in units of one
     target decoding step."""
     return expected_tokens_per_round(acceptance_rate, k) / (k * draft_step_cost + verify_cost)
+
+
+def goodput_by_block_size(acceptance_rate: float, max_tokens: int, round_ns) -> list[float]:
+    """Expected tokens per nanosecond for each draft length k in 0..max_tokens: E(alpha, k) / round_ns(k), where
+    `round_ns(k)` is what a round with a block of k costs and round_ns(0) a target-only step (which emits 1 token).
+    The best k is the argmax; 0 means speculation costs more than it brings."""
+    return [expected_tokens_per_round(acceptance_rate, k) / round_ns(k) for k in range(max_tokens + 1)]

@@ -38,9 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--draft-ahead", action=argparse.BooleanOptionalAction, default=True,
                         help="Let draft servers draft the next block while the target verifies the current one, on "
                              "the guess that it is fully accepted; used without a round trip when the guess holds.")
-    parser.add_argument("--adaptive-num-speculative-tokens", action=argparse.BooleanOptionalAction, default=False,
-                        help="Adapt each session's block size to its acceptance (+2 after a fully accepted block, "
-                             "-1 otherwise), up to the request's num_speculative_tokens.")
+    parser.add_argument("--num-speculative-tokens-schedule", default="constant",
+                        choices=["constant", "heuristic", "goodput"],  # block_size.SCHEDULES, without torch
+                        help="Each session's block sizes, up to the request's num_speculative_tokens. constant: that "
+                             "many every round. heuristic: +2 after a fully accepted block, -1 otherwise (as "
+                             "transformers' assisted generation). goodput: the size with the most expected tokens per "
+                             "second from the session's acceptance and measured round costs, 0 (target-only, probing "
+                             "again later) when speculation does not pay; profiles the target's forwards at start-up.")
+    parser.add_argument("--adaptive-num-speculative-tokens", dest="num_speculative_tokens_schedule",
+                        action="store_const", const="heuristic", default=argparse.SUPPRESS,
+                        help="Same as --num-speculative-tokens-schedule heuristic (kept for existing deployments).")
+    parser.add_argument("--no-adaptive-num-speculative-tokens", dest="num_speculative_tokens_schedule",
+                        action="store_const", const="constant", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
     parser.add_argument("--speculation-backoff-running", type=int, default=0,
                         help="Back off under load: half-size blocks above half this many running requests, no "
                              "speculation above it. 0: never back off.")
@@ -103,6 +113,7 @@ async def _serve(args, device, dtype) -> int:
     from splitspec.security import ClientSecurity
     from splitspec.server_cli import build_runner, build_server
     from target_server.admission import Admission
+    from target_server.block_size import measure_verify_profile
     from target_server.draft_pool import DraftPool
     from target_server.engine import TargetEngine
     from target_server.request import Limits
@@ -125,11 +136,17 @@ async def _serve(args, device, dtype) -> int:
                      max_backoff_s=args.draft_max_backoff, security=draft_security,
                      max_message_bytes=args.max_message_bytes)
     await pool.start()
-    engine = TargetEngine(build_runner(model, log), tokenizer, vocabulary, pool, args.draft_timeout,
+    runner = build_runner(model, log)
+    verify_profile = None
+    if args.num_speculative_tokens_schedule == "goodput":
+        verify_profile = measure_verify_profile(runner, args.max_num_speculative_tokens + 1)
+        log.info("target forward by tokens fed (goodput schedule): %s", verify_profile.describe())
+    engine = TargetEngine(runner, tokenizer, vocabulary, pool, args.draft_timeout,
                           max_draft_reopens=args.max_draft_reopens,
                           admission=Admission(args.max_concurrent_requests, args.max_waiting_requests),
                           metrics=TargetMetrics(registry), draft_ahead=args.draft_ahead,
-                          adaptive_block_size=args.adaptive_num_speculative_tokens,
+                          num_speculative_tokens_schedule=args.num_speculative_tokens_schedule,
+                          verify_profile=verify_profile,
                           speculation_backoff_running=args.speculation_backoff_running,
                           max_batch_size=args.max_num_seqs, max_batch_tokens=args.max_num_batched_tokens)
     engine.metrics.num_requests_running.set_function(lambda: engine.admission.running)

@@ -23,10 +23,11 @@ from splitspec.protocol import CandidateBlock
 from splitspec.sampling import SamplingParams, densify, logits_to_probs, make_generator
 from splitspec.speculative import Verification, verify_greedy, verify_sampling
 from target_server.admission import Admission
+from target_server.block_size import BlockSizer, GoodputPrior, GoodputSizer, VerifyProfile, load_cap, make_sizer
 from target_server.detokenizer import IncrementalDetokenizer
 from target_server.draft_pool import DraftPool
 from target_server.request import GenerationRequest
-from target_server.speculation import BlockSizer, Speculation, load_cap
+from target_server.speculation import Speculation
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,8 @@ class TargetEngine:
     def __init__(self, runner: BatchedCausalLMRunner | CausalLMRunner, tokenizer, vocabulary: Vocabulary,
                  pool: DraftPool, draft_timeout_s: float, max_draft_reopens: int = 2,
                  admission: Admission | None = None, metrics: TargetMetrics | None = None, draft_ahead: bool = True,
-                 adaptive_block_size: bool = False, speculation_backoff_running: int = 0, max_batch_size: int = 64,
-                 max_batch_tokens: int = 4096):
+                 num_speculative_tokens_schedule: str = "constant", verify_profile: VerifyProfile | None = None,
+                 speculation_backoff_running: int = 0, max_batch_size: int = 64, max_batch_tokens: int = 4096):
         self.runner = runner
         self.tokenizer = tokenizer
         self.vocabulary = vocabulary
@@ -133,7 +134,11 @@ class TargetEngine:
         self.admission = admission or Admission(max_running=1024, max_waiting=0)
         self.metrics = metrics or TargetMetrics(CollectorRegistry())
         self.draft_ahead = draft_ahead
-        self.adaptive_block_size = adaptive_block_size
+        # target_server.block_size: the schedule of each session's block sizes (goodput needs the profile).
+        make_sizer(num_speculative_tokens_schedule, 1, verify_profile)  # a bad schedule fails here, not per request
+        self.num_speculative_tokens_schedule = num_speculative_tokens_schedule
+        self.verify_profile = verify_profile
+        self.goodput_prior = GoodputPrior()
         self.speculation_backoff_running = speculation_backoff_running
         # One model worker; the forwards that sessions wait on at once run as one batch (if the runner can batch).
         self.batcher = ForwardBatcher(runner, max_batch_size, max_batch_tokens, self.metrics.batches.record_batch,
@@ -158,7 +163,8 @@ class TargetEngine:
         eos_token_ids = set() if request.ignore_eos else set(self.vocabulary.eos_token_ids)
         speculation = Speculation(self.pool, request, self.vocabulary, self.draft_timeout_s, self.max_draft_reopens,
                                   self.draft_ahead)
-        sizer = BlockSizer(request.num_speculative_tokens, self.adaptive_block_size)
+        sizer = make_sizer(self.num_speculative_tokens_schedule, request.num_speculative_tokens, self.verify_profile,
+                           self.goodput_prior)
         generated: list[int] = []
         try:
             await speculation.open(sequence.token_ids, self._next_block_size(request, sizer, 0))
@@ -179,7 +185,7 @@ class TargetEngine:
                     verification_row(sequence, block),
                     functools.partial(finish_verification, sequence, block, request.sampling, generator))
                 if block is not None:
-                    sizer.record(len(block.token_ids), verification.accepted_len)
+                    sizer.record(len(block.token_ids), verification.accepted_len, verify_ns, block.draft_ns)
                 new_token_ids = (block.token_ids if block else [])[: verification.accepted_len]
                 emitted, finish_reason = round_tokens(new_token_ids + [verification.next_token_id], len(generated),
                                                       request.max_new_tokens, eos_token_ids)
@@ -212,6 +218,10 @@ class TargetEngine:
                 timing = RoundTiming(decided - round_started, draft_wait_ns, block.draft_ns if block else 0,
                                      verify_ns, bool(block and block.drafted_ahead), batch_size)
                 round_started = decided
+                # Not timed: the first round (it overlaps the prefills) and one that opened a draft session.
+                sizer.record_round(len(block.token_ids) if block else 0, timing.round_ns, verify_ns,
+                                   timing.block_draft_ns,
+                                   timed=stats.rounds > 1 and (block is None or block.block_index > 0))
                 if finish_reason:
                     await speculation.close()
                     detokenizer.flush()
@@ -229,10 +239,11 @@ class TargetEngine:
                     return
                 yield GenerationUpdate(emitted, detokenizer.take_delta(final=False), round_timing=timing)
         finally:
+            sizer.finish()
             self.batcher.release(sequence)
             await speculation.close(cancel=True)
 
-    def _next_block_size(self, request: GenerationRequest, sizer: BlockSizer, generated: int) -> int:
+    def _next_block_size(self, request: GenerationRequest, sizer: BlockSizer | GoodputSizer, generated: int) -> int:
         cap = load_cap(request.num_speculative_tokens, self.admission.running, self.speculation_backoff_running)
         return sizer.next_size(request.max_new_tokens - generated, cap)
 

@@ -90,7 +90,11 @@ class Speculation:
 
     async def next_block(self, token_ids: list[int], num_tokens: int) -> CandidateBlock | None:
         """The block continuing the sequence `token_ids`, at most `num_tokens` long, or None: decode this step on the
-        target alone. Blocks drafted ahead on a wrong guess (another start or preceding token) are skipped."""
+        target alone. Blocks drafted ahead on a wrong guess (another start or preceding token) are skipped.
+        Asked for none while a session is open (the load or the schedule changed since its verdict), the session ends
+        (it is drafting a block no verdict will answer); asked for some again, a new one opens."""
+        if num_tokens == 0 and self.link is not None:
+            await self.close(cancel=True)
         while num_tokens > 0 and not self.gave_up:
             if self.link is None:
                 await self.open(token_ids, num_tokens)
@@ -138,35 +142,3 @@ class Speculation:
         if self.link is not None:
             link, self.link = self.link, None
             await link.close(cancel=cancel)
-
-
-class BlockSizer:
-    """How many draft tokens the next block gets.
-
-    Bounded by the request's num_speculative_tokens, by the tokens left (a round yields at most k + 1 tokens, so a
-    block never drafts past max_new_tokens) and by the server's load. Adaptive, it follows the session's recent
-    acceptance with transformers' assisted-generation heuristic: +2 after a fully accepted block, -1 otherwise.
-    """
-
-    def __init__(self, max_tokens: int, adaptive: bool):
-        self.max_tokens = max_tokens
-        self.adaptive = adaptive
-        self.current = max_tokens
-
-    def record(self, num_draft_tokens: int, accepted_len: int) -> None:
-        if self.adaptive and num_draft_tokens:
-            step = 2 if accepted_len == num_draft_tokens else -1
-            self.current = max(1, min(self.max_tokens, self.current + step))
-
-    def next_size(self, tokens_left: int, load_cap: int) -> int:
-        return max(0, min(self.current, tokens_left - 1, load_cap))
-
-
-def load_cap(max_tokens: int, running: int, backoff_running: int) -> int:
-    """Speculation backs off under load (vLLM measured 1.4-1.8x slowdowns at high QPS without it): full blocks up
-    to half of `backoff_running` running requests, half-size blocks up to it, no speculation beyond."""
-    if backoff_running <= 0 or running <= backoff_running // 2:
-        return max_tokens
-    if running <= backoff_running:
-        return max_tokens // 2
-    return 0

@@ -1,10 +1,22 @@
-"""Block-size policy: adaptive per session, bounded by tokens left and by load."""
+"""Block-size schedules (constant, heuristic, goodput) per session, bounded by tokens left and by load."""
 
 import pytest
+import torch
 from splitspec_client import Client
 
 from servers import start_target
-from target_server.speculation import BlockSizer, load_cap
+from target_server.block_size import (
+    SCHEDULES,
+    BlockSizer,
+    GoodputPrior,
+    GoodputSizer,
+    VerifyProfile,
+    load_cap,
+    make_sizer,
+    measure_verify_profile,
+    profile_lengths,
+)
+from target_server.cli import build_parser
 
 
 def test_fixed_block_size_ignores_acceptance():
@@ -55,5 +67,168 @@ def test_adaptive_and_backoff_stay_lossless(model_dirs, log_dir, reference, unre
         drafted = sum(r.stats.num_draft_tokens for r in results)
         drafts = sum(r.stats.num_drafts for r in results)
         assert drafts and drafted / drafts < 6
+    finally:
+        assert target.stop() == 0
+
+
+MS = 1_000_000
+GPU_LIKE = VerifyProfile([1, 17], [20 * MS, 21 * MS])  # a forward costs about the same for 1 or 17 tokens
+CPU_LIKE = VerifyProfile([1, 2, 5, 9], [26 * MS, 37 * MS, 40 * MS, 48 * MS])  # the demo target on one CPU core
+
+
+def feed(sizer: GoodputSizer, accepted_lens: list[int], k: int, profile: VerifyProfile, draft_ms: float = 1.0,
+         overhead_ms: float = 1.0) -> list[int]:
+    """Blocks of k with these accepted lengths, each followed by its round's timing as the profile predicts; returns
+    the size asked after each verdict."""
+    asked = []
+    for accepted_len in accepted_lens:
+        verify_ns = int(profile.ns(k + 1))
+        draft_ns = int(k * draft_ms * MS)
+        sizer.record(k, accepted_len, verify_ns, draft_ns)
+        asked.append(sizer.next_size(tokens_left=1000, load_cap=k))
+        sizer.record_round(k, verify_ns + draft_ns + int(overhead_ms * MS), verify_ns, draft_ns, timed=True)
+    return asked
+
+
+def plain_rounds(sizer: GoodputSizer, count: int, profile: VerifyProfile) -> list[int]:
+    """Target-only rounds; returns the size asked after each."""
+    asked = []
+    for _ in range(count):
+        verify_ns = int(profile.ns(1))
+        sizer.record_round(0, verify_ns + MS // 10, verify_ns, 0, timed=True)
+        asked.append(sizer.next_size(tokens_left=1000, load_cap=8))
+    return asked
+
+
+def test_schedule_choices_match_the_cli():
+    assert tuple(build_parser()._option_string_actions["--num-speculative-tokens-schedule"].choices) == SCHEDULES
+    assert isinstance(make_sizer("goodput", 4, GPU_LIKE), GoodputSizer)
+    assert make_sizer("heuristic", 4, None).adaptive and not make_sizer("constant", 4, None).adaptive
+    with pytest.raises(ValueError, match="VerifyProfile"):
+        make_sizer("goodput", 4, None)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        make_sizer("fastest", 4, None)
+
+
+def test_verify_profile_interpolates_and_never_decreases():
+    profile = VerifyProfile([1, 3, 5], [10.0, 8.0, 14.0])  # 8 at 3 tokens is noise: it counts as 10
+    assert [profile.ns(n) for n in (0, 1, 2, 3, 4, 5, 7)] == [10.0, 10.0, 10.0, 10.0, 12.0, 14.0, 18.0]
+    assert VerifyProfile([1], [5.0]).ns(9) == 5.0
+    with pytest.raises(ValueError):
+        VerifyProfile([3, 1], [1.0, 2.0])
+    assert profile_lengths(17) == [1, 2, 3, 5, 9, 17]
+    assert profile_lengths(6) == [1, 2, 3, 5, 6]
+    assert profile_lengths(1) == [1]
+
+
+def test_verify_profile_measures_real_forwards(model_dirs):
+    from splitspec import models
+    from splitspec.kv_pool import runner_for
+
+    runner, _ = runner_for(models.load_causal_lm(model_dirs["target"], torch.device("cpu"), torch.float32))
+    profile = measure_verify_profile(runner, 9, context_tokens=16, repeats=2)
+    assert profile.num_tokens == [1, 2, 3, 5, 9]
+    assert all(ns > 0 for ns in profile.forward_ns) and profile.forward_ns == sorted(profile.forward_ns)
+    assert runner.pool.slots_in_use == 0  # its throw-away sequence is released
+
+
+def test_goodput_drafts_the_full_block_until_it_has_measured_one():
+    sizer = GoodputSizer(6, CPU_LIKE)
+    assert sizer.next_size(100, 6) == 6
+    sizer.record(6, 0)  # a block without times
+    assert sizer.next_size(100, 6) == 6
+    # The first block's forward and drafting times are enough to plan, before any round is timed: here a draft
+    # step costs a target step, and nothing was accepted: the shortest block, until the session's first
+    # PROBE_BLOCKS blocks are in; then none.
+    sizer.record(6, 0, verify_ns=int(CPU_LIKE.ns(7)), draft_ns=6 * 26 * MS)
+    assert sizer.next_size(100, 6) == 1
+    sizer.record(1, 0, verify_ns=int(CPU_LIKE.ns(2)), draft_ns=26 * MS)
+    assert sizer.next_size(100, 6) == 0
+
+
+def test_goodput_drafts_long_blocks_where_verifying_them_is_cheap():
+    sizer = GoodputSizer(8, GPU_LIKE)
+    asked = feed(sizer, [8] * 3 + [7, 8, 8, 5, 8], 8, GPU_LIKE)
+    assert asked[-1] == 8
+    assert sizer.acceptance > 0.85
+
+
+def test_goodput_drafts_shorter_blocks_where_each_verified_token_costs():
+    # On the CPU-like target a block of 8 costs 48 of the 26 ms of a target-only step, drafting 3 ms a token: at
+    # alpha ~0.7 the best block is short but speculation still pays.
+    sizer = GoodputSizer(8, CPU_LIKE)
+    asked = feed(sizer, [3, 2, 4, 1, 3, 2, 8, 2, 3, 4], 8, CPU_LIKE, draft_ms=3.0)
+    assert 1 <= asked[-1] <= 5
+    round_costs = [sizer.round_ns(k) for k in range(9)]
+    assert round_costs == sorted(round_costs)  # a longer block always costs more here
+
+
+def test_goodput_switches_speculation_off_and_probes_back_with_growing_gaps():
+    sizer = GoodputSizer(4, CPU_LIKE)
+    asked = feed(sizer, [0, 0, 0, 1, 0, 0], 4, CPU_LIKE, draft_ms=3.0)
+    assert asked[-1] == 0 and sizer.switched_off == 1
+    first_off = asked.index(0)
+    assert set(asked[first_off:]) == {0}  # off stays off until the probe
+    # One decision per verdict or target-only round, however often it is asked.
+    assert {sizer.next_size(1000, 4) for _ in range(5)} == {0}
+    after = plain_rounds(sizer, GoodputSizer.PROBE_AFTER, CPU_LIKE)
+    assert after[:-1] == [0] * (GoodputSizer.PROBE_AFTER - 1) and after[-1] > 0  # the probe
+    probe = feed(sizer, [0] * GoodputSizer.PROBE_BLOCKS, after[-1], CPU_LIKE, draft_ms=3.0)
+    assert 0 not in probe[:-1] and probe[-1] == 0  # the probe lasts PROBE_BLOCKS blocks, and fails
+    assert sizer.probe_after == 2 * GoodputSizer.PROBE_AFTER
+    again = plain_rounds(sizer, 2 * GoodputSizer.PROBE_AFTER, CPU_LIKE)
+    assert again.count(0) == 2 * GoodputSizer.PROBE_AFTER - 1 and again[-1] > 0
+
+
+def test_goodput_stays_on_when_a_probe_finds_the_draft_agrees_again():
+    sizer = GoodputSizer(4, CPU_LIKE)
+    feed(sizer, [0] * 6, 4, CPU_LIKE, draft_ms=3.0)
+    assert plain_rounds(sizer, GoodputSizer.PROBE_AFTER, CPU_LIKE)[-1] > 0
+    asked = feed(sizer, [4] * 8, 4, CPU_LIKE, draft_ms=3.0)  # every probe block accepted whole
+    assert 0 not in asked and asked[-1] >= 2 and sizer.switched_off == 1
+    assert sizer.probe_after == GoodputSizer.PROBE_AFTER
+
+
+def test_goodput_sizes_a_sessions_first_block_from_the_sessions_before():
+    prior = GoodputPrior()
+    first = GoodputSizer(4, CPU_LIKE, prior)
+    assert first.next_size(100, 4) == 4  # nothing known yet: the request's k
+    feed(first, [0] * 6, 4, CPU_LIKE, draft_ms=3.0)
+    first.finish()
+    assert prior.acceptance < 0.7 and prior.draft_ns_per_token == pytest.approx(3 * MS, rel=0.01)
+    assert prior.overhead_ns == pytest.approx(MS, rel=0.01)
+    second = GoodputSizer(4, CPU_LIKE, prior)
+    assert second.next_size(100, 4) < 4  # planned before its first block, from a prior acceptance of ~0.5
+    unused = GoodputSizer(4, CPU_LIKE, prior)
+    unused.finish()  # a session that never drafted leaves the prior's acceptance alone
+    assert prior.acceptance == pytest.approx(0.7 + GoodputPrior.SESSION_WEIGHT * (first.acceptance - 0.7))
+    prior.acceptance = 0.05  # where sessions found the draft useless, a new one starts on the target alone
+    assert GoodputSizer(4, CPU_LIKE, prior).next_size(100, 4) == 0
+
+
+def test_goodput_respects_tokens_left_and_load():
+    sizer = GoodputSizer(8, GPU_LIKE)
+    feed(sizer, [8] * 4, 8, GPU_LIKE)
+    assert sizer.next_size(tokens_left=3, load_cap=8) == 2
+    assert sizer.next_size(tokens_left=100, load_cap=4) == 4
+    assert sizer.next_size(tokens_left=100, load_cap=0) == 0
+    assert GoodputSizer(0, GPU_LIKE).next_size(100, 8) == 0
+
+
+def test_goodput_schedule_switches_a_useless_draft_off_losslessly(model_dirs, log_dir, reference, unrelated_draft):
+    """The unrelated draft is almost never right: the goodput schedule stops asking it for blocks after a few, probes
+    it now and then, and the output stays the target's."""
+    target = start_target(model_dirs["target"], log_dir, "target-goodput", [unrelated_draft.address],
+                          "--num-speculative-tokens-schedule", "goodput")
+    try:
+        with Client(target.address, timeout=120) as client:
+            result = client.generate("The quick brown fox", max_new_tokens=80, ignore_eos=True,
+                                     num_speculative_tokens=4)
+        assert list(result.token_ids) == reference("The quick brown fox", 80)
+        stats = result.stats
+        # A few blocks before it switches off, then probes of PROBE_BLOCKS blocks after 16 and 32 target-only
+        # rounds: most rounds run on the target alone.
+        assert 3 <= stats.num_drafts <= 16 and stats.rounds >= 60, (stats.num_drafts, stats.rounds)
+        assert not stats.fallback_reason
     finally:
         assert target.stop() == 0

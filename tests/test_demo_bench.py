@@ -153,8 +153,14 @@ def test_bench_quick_runs_end_to_end_and_writes_its_fields(models_dir, tmp_path)
     for base in results["baselines"]:
         assert {"tokens_per_s", "target_step_ms", "draft_step_ms", "overhead_p50_ms", "overhead_p95_ms"} <= base.keys()
     assert "| alpha knob |" in result.stdout  # the table
+    assert [row["acceptance_knob"] for row in results["schedules"]] == config["acceptances"]
+    for row in results["schedules"]:  # the goodput schedule on each pair
+        assert row["same_tokens_as_baseline"] and row["fallbacks"] == 0, row
+        assert row["max_k"] == max(config["ks"]) and row["best_fixed_k"] in config["ks"], row
+        assert 0 <= row["rounds_with_block"] <= 1 and row["speedup"] > 0, row
+    assert "| goodput schedule, k <= |" in result.stdout
     modes = results["modes"]  # --quick runs them too, on the tiny pair, at 1 and 2 streams
-    assert {"config", "target_only_tokens_per_s", "pipelining", "adaptive", "concurrency"} <= modes.keys()
+    assert {"config", "target_only_tokens_per_s", "pipelining", "adaptive", "goodput", "concurrency"} <= modes.keys()
     assert [row["streams"] for row in modes["concurrency"]] == modes["config"]["concurrency"]
     for row in modes["pipelining"]:
         assert row["num_drafts"] > 0 and row["sequential_drafted_ahead"] == 0, row
@@ -163,7 +169,7 @@ def test_bench_quick_runs_end_to_end_and_writes_its_fields(models_dir, tmp_path)
         assert 1 <= row["mean_batch_size"] <= row["streams"], row
     assert 0 < results["grpc_rtt"]["p50_ms"] <= results["grpc_rtt"]["p95_ms"]
     assert results["grpc_rtt"]["idle_p50_ms"] > 0
-    for row in [*modes["pipelining"], modes["adaptive"], *modes["concurrency"]]:
+    for row in [*modes["pipelining"], modes["adaptive"], modes["goodput"], *modes["concurrency"]]:
         assert row["same_tokens_as_baseline"] and row["fallbacks"] == 0, row
     assert "| streams |" in result.stdout
     try:

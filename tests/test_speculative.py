@@ -185,3 +185,14 @@ def test_a_round_emits_its_tokens_up_to_the_first_eos_or_the_length_limit():
     assert round_tokens([5, 6, 7], 8, 10, {2}) == ([5, 6], "length")
     assert round_tokens([2, 6, 7], 9, 10, {2}) == ([2], "eos_token")  # eos first when both end the request
     assert round_tokens([5, 6, 7], 7, 10, set()) == ([5, 6, 7], "length")
+
+
+def test_goodput_by_block_size():
+    from splitspec.speculative import goodput_by_block_size
+
+    flat = goodput_by_block_size(0.9, 8, lambda k: 20.0 if k == 0 else 22.0 + k)  # cheap drafts, flat verify
+    assert max(range(9), key=flat.__getitem__) == 8
+    assert flat[0] == pytest.approx(1 / 20)
+    assert flat[4] == pytest.approx(expected_tokens_per_round(0.9, 4) / 26)
+    useless = goodput_by_block_size(0.0, 8, lambda k: 20.0 + k)  # a draft never right: any block costs more
+    assert max(range(9), key=useless.__getitem__) == 0

@@ -6,6 +6,9 @@ same prompts, over a sweep of acceptance rates (demo pairs, `splitspec.demo_mode
     python -m splitspec.bench --device cuda   # GPU timing with a 7B-shaped target (skipped without a GPU)
     python -m splitspec.bench --target-device cuda   # the sweep with the target server on the GPU
 
+Each pair also runs the goodput block-size schedule (--num-speculative-tokens-schedule goodput) at the largest k,
+against the best constant k and target-only.
+
 After the sweep, the modes (splitspec/bench/modes.py; --no-modes skips them): pipelined vs sequential, adaptive vs
 fixed k, and 1/2/4/8 concurrent streams, on the alpha 0.9 pair (--modes-acceptance picks another).
 
@@ -14,6 +17,8 @@ target share one small machine here, and the absolute times count only on a GPU.
 """
 
 import argparse
+import concurrent.futures
+import contextlib
 import datetime
 import os
 import pathlib
@@ -114,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path = args.output / "bench.json"
     report.write_json(results, json_path)
     print("\n" + report.table(results) + "\n")
+    if results["schedules"]:
+        print(report.schedule_table(results) + "\n")
     if "modes" in results:
         print(modes.table(results["modes"]) + "\n")
     png = report.plot(results, args.output / "bench.png")
@@ -140,7 +147,7 @@ def sweep(config: dict, args, progress: Progress) -> dict:
     draft_model = runs.load_model(first.draft_dir)
     results = {"config": config, "machine": machine(all_cpus, draft_cpus, target_cpus, client_cpus,
                                                     args.target_device, args.target_dtype),
-               "baselines": [], "runs": []}
+               "baselines": [], "runs": [], "schedules": []}
     log_dir = pathlib.Path(tempfile.mkdtemp(prefix="splitspec-bench-"))
     os.sched_setaffinity(0, client_cpus)  # the servers pin themselves (or are pinned) to theirs
     draft = None
@@ -152,10 +159,13 @@ def sweep(config: dict, args, progress: Progress) -> dict:
             with runs.on_cpus(draft_cpus):
                 draft_step_ns = runs.measure_step_ns(draft_model, prompts[0])
             progress(f"draft step {draft_step_ns / 1e6:.2f} ms on CPUs {format_cpu_list(draft_cpus)}")
-            measured = measure_pair(pair, draft.address, target_cpus, log_dir, prompts, config, args, progress)
+            measured, goodput = measure_pair(pair, draft.address, target_cpus, log_dir, prompts, config, args,
+                                             progress)
             hf = {} if args.no_hf else measure_hf(pair, target_cpus, prompts, config, args, progress)
             baseline = measured.pop(0)
             results["baselines"].append(report.baseline_row(acceptance, baseline, draft_step_ns))
+            results["schedules"].append(report.schedule_row(acceptance, max(config["ks"]), goodput, measured,
+                                                            baseline))
             for k, run in measured.items():
                 hf_target, hf_assisted = hf.get(0), hf.get(k)
                 results["runs"].append(report.speculative_row(acceptance, pair.measured_acceptance, k, run, baseline,
@@ -177,20 +187,41 @@ def sweep(config: dict, args, progress: Progress) -> dict:
 
 
 def measure_pair(pair, draft_address: str, target_cpus: list[int], log_dir: pathlib.Path, prompts, config, args,
-                 progress) -> dict:
-    """{k: Run} through the two servers, k = 0 (target-only) first."""
-    target = launch.start_target(pair.target_dir, draft_address, target_cpus, log_dir, device=args.target_device,
-                                 dtype=args.target_dtype)
+                 progress) -> tuple[dict, runs.Run]:
+    """{k: Run} through the two servers, k = 0 being target-only, and the goodput schedule's Run at the largest k,
+    from a second target server (started alongside the first). Systems take turns prompt by prompt."""
+    def start(name: str, *extra_args: str):
+        return launch.start_target(pair.target_dir, draft_address, target_cpus, log_dir, device=args.target_device,
+                                   dtype=args.target_dtype, extra_args=extra_args, name=name)
+
+    servers = []
     try:
-        measured = {}
-        with Client(target.address, timeout=600) as client:
-            for k in [0, *config["ks"]]:
-                runs.run_splitspec(client, prompts[:1], 4, k)  # warm-up: a fresh process's first passes are slow
-                measured[k] = runs.run_splitspec(client, prompts, config["max_new_tokens"], k)
-                progress(f"alpha {pair.acceptance:.2f} splitspec k={k}: {measured[k].tokens_per_s:.1f} tok/s")
-        return measured
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(start, "target"),
+                       pool.submit(start, "target-goodput", "--num-speculative-tokens-schedule", "goodput")]
+            for future in futures:
+                with contextlib.suppress(Exception):  # raised again below, once every started server is kept
+                    servers.append(future.result())
+            for future in futures:
+                future.result()
+        with Client(servers[0].address, timeout=600) as client, Client(servers[1].address, timeout=600) as goodput:
+            # (client, k) per system; the goodput schedule's key is "goodput".
+            systems = {k: (client, k) for k in [0, *config["ks"]]} | {"goodput": (goodput, max(config["ks"]))}
+            for system_client, k in systems.values():
+                runs.run_splitspec(system_client, prompts[:1], 4, k)  # warm-up: a fresh process is slow at first
+            # Every system on one prompt, then every system on the next: drift in the machine's load falls on all.
+            per_prompt = {system: [] for system in systems}
+            for prompt in prompts:
+                for system, (system_client, k) in systems.items():
+                    per_prompt[system].append(runs.run_splitspec(system_client, [prompt], config["max_new_tokens"], k))
+        measured = {system: modes.merge(parts) for system, parts in per_prompt.items()}
+        for system, run in measured.items():
+            label = f"goodput schedule k<={max(config['ks'])}" if system == "goodput" else f"k={system}"
+            progress(f"alpha {pair.acceptance:.2f} splitspec {label}: {run.tokens_per_s:.1f} tok/s"
+                     + (f", a block in {run.num_drafts}/{run.rounds} rounds" if system == "goodput" else ""))
+        return measured, measured.pop("goodput")
     finally:
-        launch.stop_all([target])
+        launch.stop_all(servers)
 
 
 def measure_modes(config, args, draft_address: str, target_cpus: list[int], log_dir: pathlib.Path, prompts,

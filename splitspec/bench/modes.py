@@ -3,12 +3,13 @@
   pipelined vs sequential - the target started with --draft-ahead (its default) and with --no-draft-ahead: tokens/s,
                             speedup over target-only, and the share of blocks drafted ahead (num_drafts_ahead /
                             num_drafts), at k and at the adaptive comparison's larger k.
-  adaptive vs fixed k     - --adaptive-num-speculative-tokens against the default, a request asking for adaptive_k.
+  adaptive vs fixed k     - the heuristic and goodput schedules (--num-speculative-tokens-schedule) against the
+                            default constant one, a request asking for adaptive_k.
   concurrent streams      - aggregate tokens/s of 1, 2, 4, ... streams at once (one thread and one channel each,
                             `Client.generate` on different prompts), splitspec at k and target-only
                             (num_speculative_tokens=0) on the same server, and each one's ratio to one stream.
 
-Three target servers (one per flag set), all up at once, share the sweep's draft server. Every single-stream
+Four target servers (one per flag set), all up at once, share the sweep's draft server. Every single-stream
 system runs a prompt before any runs the next, and each concurrency level times splitspec and target-only back to
 back: the machine's load drifts, and falls alike on what is compared.
 """
@@ -31,7 +32,8 @@ QUICK = dict(acceptance=0.9, k=4, adaptive_k=8, concurrency=[1, 2], max_new_toke
 SERVERS = {  # name: extra target flags
     "pipelined": ["--draft-ahead"],
     "sequential": ["--no-draft-ahead"],
-    "adaptive": ["--draft-ahead", "--adaptive-num-speculative-tokens"],
+    "adaptive": ["--draft-ahead", "--num-speculative-tokens-schedule", "heuristic"],
+    "goodput": ["--draft-ahead", "--num-speculative-tokens-schedule", "goodput"],
 }
 
 
@@ -65,12 +67,13 @@ def run_modes(pair, draft_address: str, target_cpus: list[int], log_dir: pathlib
         for name, server in servers.items():
             clients[name] = Client(server.address, timeout=600)
             runs.run_splitspec(clients[name], prompts[:1], 4, k)  # warm-up: a fresh process's first passes are slow
-        progress(f"modes: 3 target servers up on {device}, CPUs {format_cpu_list(target_cpus)} "
+        progress(f"modes: {len(servers)} target servers up on {device}, CPUs {format_cpu_list(target_cpus)} "
                  f"({time.monotonic() - started:.0f}s)")
 
         # Every system on one prompt, then every system on the next: drift in the machine's load falls on all.
         systems = [("pipelined", 0), *[(name, block) for block in sorted({k, adaptive_k})
-                                       for name in ("pipelined", "sequential")], ("adaptive", adaptive_k)]
+                                       for name in ("pipelined", "sequential")], ("adaptive", adaptive_k),
+                   ("goodput", adaptive_k)]
         per_prompt = {system: [] for system in systems}
         for prompt in prompts:
             for name, block in systems:
@@ -84,6 +87,8 @@ def run_modes(pair, draft_address: str, target_cpus: list[int], log_dir: pathlib
                       for block in sorted({k, adaptive_k})]
         adaptive = adaptive_row(adaptive_k, measured["adaptive", adaptive_k], measured["pipelined", adaptive_k],
                                 baseline)
+        goodput = adaptive_row(adaptive_k, measured["goodput", adaptive_k], measured["pipelined", adaptive_k],
+                               baseline)
 
         concurrency = []
         for streams in config["concurrency"]:
@@ -102,7 +107,8 @@ def run_modes(pair, draft_address: str, target_cpus: list[int], log_dir: pathlib
                    "alpha_at_build": round(pair.measured_acceptance, 4)},
         "target_only_tokens_per_s": round(baseline.tokens_per_s, 2),
         "pipelining": pipelining,
-        "adaptive": adaptive,
+        "adaptive": adaptive,  # the heuristic schedule
+        "goodput": goodput,
         "concurrency": concurrency,
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -146,6 +152,7 @@ def pipelining_row(k: int, pipelined: runs.Run, sequential: runs.Run, baseline: 
 
 
 def adaptive_row(k: int, adaptive: runs.Run, fixed: runs.Run, baseline: runs.Run) -> dict:
+    """An adaptive schedule (heuristic or goodput) at k against the constant one."""
     return {
         "k": k,
         "adaptive_tokens_per_s": round(adaptive.tokens_per_s, 2),
@@ -159,6 +166,7 @@ def adaptive_row(k: int, adaptive: runs.Run, fixed: runs.Run, baseline: runs.Run
         "adaptive_acceptance_rate": round(adaptive.num_accepted_tokens / max(1, adaptive.num_draft_tokens), 4),
         "fixed_acceptance_rate": round(fixed.num_accepted_tokens / max(1, fixed.num_draft_tokens), 4),
         "adaptive_drafted_ahead": _drafted_ahead(adaptive),
+        "adaptive_rounds_with_block": round(adaptive.num_drafts / max(1, adaptive.rounds), 3),
         "same_tokens_as_baseline": adaptive.token_ids == fixed.token_ids == baseline.token_ids,
         "fallbacks": len(adaptive.fallback_reasons),
     }
@@ -243,12 +251,16 @@ def table(modes: dict) -> str:
         lines.append(f"| sequential (--no-draft-ahead) | {row['k']} | {row['sequential_tokens_per_s']:.1f} | "
                      f"{row['sequential_speedup']:.2f}x | 1.00x | {row['sequential_drafted_ahead']:.0%} | - | "
                      f"{row['sequential_overhead_p50_ms']:.2f} |")
-    row = modes["adaptive"]
-    lines.append(f"| adaptive k (--adaptive-num-speculative-tokens) | <= {row['k']} | "
-                 f"{row['adaptive_tokens_per_s']:.1f} | {row['adaptive_speedup']:.2f}x | "
-                 f"{row['adaptive_over_fixed']:.2f}x fixed | {row['adaptive_drafted_ahead']:.0%} | "
-                 f"{row['adaptive_mean_block']:.1f} | - |")
-    lines.append(f"| fixed k | {row['k']} | {row['fixed_tokens_per_s']:.1f} | {row['fixed_speedup']:.2f}x | 1.00x | "
+    for name in ("adaptive", "goodput"):
+        row = modes[name]
+        schedule = "heuristic" if name == "adaptive" else name
+        lines.append(f"| {schedule} schedule | <= {row['k']} | {row['adaptive_tokens_per_s']:.1f} | "
+                     f"{row['adaptive_speedup']:.2f}x | {row['adaptive_over_fixed']:.2f}x fixed | "
+                     f"{row['adaptive_drafted_ahead']:.0%} | {row['adaptive_mean_block']:.1f} in "
+                     f"{row['adaptive_rounds_with_block']:.0%} of rounds | - |")
+    row = modes["adaptive"]  # the constant schedule both were compared with (one run)
+    lines.append(f"| constant schedule (fixed k) | {row['k']} | {row['fixed_tokens_per_s']:.1f} | "
+                 f"{row['fixed_speedup']:.2f}x | 1.00x | "
                  f"- | {row['fixed_mean_block']:.1f} | - |")
     lines += ["", f"concurrent streams, {config['stream_tokens']} tokens each, k={config['k']}, draft-ahead on:", "",
               "| streams | splitspec tok/s (aggregate) | x one stream | sessions per target forward | "

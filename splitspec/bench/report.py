@@ -75,6 +75,39 @@ def speculative_row(acceptance: float, pair_alpha: float, k: int, run: Run, base
     return row
 
 
+def schedule_row(acceptance: float, max_k: int, goodput: Run, fixed: dict[int, Run], baseline: Run) -> dict:
+    """The goodput schedule at k <= max_k against each constant k (`fixed`, k = 0 is target-only) on one pair."""
+    best_k = max((k for k in fixed if k), key=lambda k: fixed[k].tokens_per_s)
+    return {
+        "acceptance_knob": acceptance,
+        "alpha": round(goodput.alpha, 4),
+        "max_k": max_k,
+        "tokens_per_s": round(goodput.tokens_per_s, 2),
+        "speedup": round(goodput.tokens_per_s / baseline.tokens_per_s, 3),
+        "best_fixed_k": best_k,
+        "best_fixed_speedup": round(fixed[best_k].tokens_per_s / baseline.tokens_per_s, 3),
+        "over_best_fixed": round(goodput.tokens_per_s / fixed[best_k].tokens_per_s, 3),
+        "max_k_speedup": round(fixed[max_k].tokens_per_s / baseline.tokens_per_s, 3),
+        # draft tokens per block when there is one, and the share of rounds that had one (the rest: target-only)
+        "mean_block": round(goodput.num_draft_tokens / max(1, goodput.num_drafts), 2),
+        "rounds_with_block": round(goodput.num_drafts / max(1, goodput.rounds), 3),
+        "same_tokens_as_baseline": goodput.token_ids == baseline.token_ids,
+        "fallbacks": len(goodput.fallback_reasons),
+    }
+
+
+def schedule_table(results: dict) -> str:
+    lines = ["| alpha knob | goodput schedule, k <= | tok/s | speedup | best constant k | its speedup | "
+             "goodput / best constant | constant k at the bound | mean block | rounds with a block |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results.get("schedules", []):
+        lines.append(f"| {row['acceptance_knob']:.2f} | {row['max_k']} | {row['tokens_per_s']:.1f} | "
+                     f"{row['speedup']:.2f}x | {row['best_fixed_k']} | {row['best_fixed_speedup']:.2f}x | "
+                     f"{row['over_best_fixed']:.2f}x | {row['max_k_speedup']:.2f}x | {row['mean_block']:.1f} | "
+                     f"{row['rounds_with_block']:.0%} |")
+    return "\n".join(lines)
+
+
 def baseline_row(acceptance: float, baseline: Run, draft_step_ns: float) -> dict:
     return {
         "acceptance_knob": acceptance,
