@@ -13,7 +13,6 @@ tokens, so a block never drafts past max_new_tokens) and by the server's load (`
 
 import bisect
 import dataclasses
-import statistics
 import time
 
 import torch
@@ -93,17 +92,18 @@ def profile_lengths(max_num_tokens: int) -> list[int]:
 
 @torch.inference_mode()
 def measure_verify_profile(runner: Runner, max_num_tokens: int, context_tokens: int = 64,
-                           repeats: int = 3) -> VerifyProfile:
-    """Time forwards of 1..max_num_tokens tokens after a `context_tokens` prefix (the median of `repeats` each),
-    on a throw-away sequence of token id 0. Run before serving: it holds the model for 6 lengths x `repeats`
-    forwards."""
+                           repeats: int = 5) -> VerifyProfile:
+    """Time forwards of 1..max_num_tokens tokens after a `context_tokens` prefix (the fastest of `repeats` each:
+    other work on the machine only ever adds), on a throw-away sequence of token id 0. Run before serving: it holds
+    the model for 6 lengths x `repeats` forwards."""
     sequence = runner.new_sequence([0] * context_tokens)
     try:
         runner.prefill(sequence, context_tokens)
         synchronize = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda *_: None)
         lengths, times = profile_lengths(max_num_tokens), []
-        runner.forward(sequence, [0] * lengths[-1], lengths[-1])  # warm-up
-        sequence.truncate_cache(context_tokens)
+        for num_tokens in (lengths[-1], 1):  # warm-up
+            runner.forward(sequence, [0] * num_tokens, num_tokens)
+            sequence.truncate_cache(context_tokens)
         for num_tokens in lengths:
             samples = []
             for _ in range(repeats):
@@ -113,7 +113,7 @@ def measure_verify_profile(runner: Runner, max_num_tokens: int, context_tokens: 
                 logits.argmax(dim=-1).tolist()  # as a verification reads its result
                 samples.append(time.perf_counter_ns() - started)
                 sequence.truncate_cache(context_tokens)
-            times.append(statistics.median(samples))
+            times.append(min(samples))
         return VerifyProfile(lengths, times)
     finally:
         sequence.release()
@@ -130,14 +130,19 @@ class GoodputPrior:
     overhead_ns: float | None = None
     plain_overhead_ns: float = 0.0
     verify_scale: float = 1.0
-    SESSION_WEIGHT = 0.3  # of a finished session's acceptance in the running mean
+    plain_scale: float | None = None
+    sessions: int = 0  # finished sessions that drafted
+    SESSION_WEIGHT = 0.3  # of a finished session's acceptance in the running mean, once there are a few
 
     def learn(self, sizer: "GoodputSizer") -> None:
         self.draft_ns_per_token, self.overhead_ns = sizer.draft_ns_per_token, sizer.overhead_ns
         self.plain_overhead_ns, self.verify_scale = sizer.plain_overhead_ns, sizer.verify_scale
+        self.plain_scale = sizer.plain_scale
 
     def learn_acceptance(self, acceptance: float) -> None:
-        self.acceptance += self.SESSION_WEIGHT * (acceptance - self.acceptance)
+        """A plain mean of the first sessions' acceptance (the default counts for none), then a moving one."""
+        self.sessions += 1
+        self.acceptance += max(1 / self.sessions, self.SESSION_WEIGHT) * (acceptance - self.acceptance)
 
 
 class GoodputSizer:
@@ -149,7 +154,8 @@ class GoodputSizer:
                        worth PRIOR_WEIGHT tokens.
       round_ns(k)    - verify(k + 1) + overhead + k x draft step for a block of k; verify(1) + target-only overhead
                        for k = 0. verify is the start-up `VerifyProfile` times the ratio the session's forwards
-                       measured to it (which follows the machine's load and the batch the session shares); the draft
+                       measured to it (which follows the machine's load and the batch the session shares), a ratio
+                       of its own for target-only steps once there were some (the profile's shape errs); the draft
                        step is the draft's own measure per token; overhead is what a round costs beyond its verify
                        forward and its block's drafting (negative when drafting ahead hides the drafting).
     A block's verify and drafting times count from the first block on; a round's overhead only from rounds that
@@ -166,6 +172,9 @@ class GoodputSizer:
     DECAY = 0.95  # per block: the last ~20 blocks carry most of the weight (faster, and noise turns speculation off)
     TIMING_WEIGHT = 0.2  # exponential moving average of timings
     SWITCH_OFF_MARGIN = 0.95
+    # A new k must beat the current one by this much: each change costs the draft-ahead (a block drafted ahead at
+    # the old k is cut, and a cut block is not accepted whole), and neighbouring k are often within noise.
+    CHANGE_MARGIN = 1.03
     PROBE_AFTER = 16
     MAX_PROBE_AFTER = 256
     PROBE_BLOCKS = 3
@@ -177,6 +186,7 @@ class GoodputSizer:
         self.accepted = self.prior.acceptance * self.PRIOR_WEIGHT
         self.rejected = (1 - self.prior.acceptance) * self.PRIOR_WEIGHT
         self.verify_scale = self.prior.verify_scale
+        self.plain_scale = self.prior.plain_scale
         self.draft_ns_per_token = self.prior.draft_ns_per_token
         self.overhead_ns = self.prior.overhead_ns
         self.plain_overhead_ns = self.prior.plain_overhead_ns
@@ -187,6 +197,7 @@ class GoodputSizer:
         self.blocks_left_in_probe = self.PROBE_BLOCKS  # a session speculates for a few blocks before it judges
         self.blocks_since_on = 0
         self.switched_off = 0  # times speculation stopped (for logs and tests)
+        self.current = max_tokens  # the block size speculation last ran at
         self._planned: int | None = None
 
     @property
@@ -204,7 +215,7 @@ class GoodputSizer:
         self.blocks_since_on += 1
         self.num_blocks += 1
         if verify_ns > 0 and draft_ns > 0:
-            self._record_verify(num_draft_tokens, verify_ns)
+            self.verify_scale = self._average(self.verify_scale, verify_ns / self.profile.ns(num_draft_tokens + 1))
             self.draft_ns_per_token = self._average(self.draft_ns_per_token, draft_ns / num_draft_tokens)
             self.prior.learn(self)
         self._planned = None
@@ -215,7 +226,7 @@ class GoodputSizer:
         if timed and num_draft_tokens:
             self.overhead_ns = self._average(self.overhead_ns, round_ns - verify_ns - draft_ns)
         elif timed and verify_ns > 0:
-            self._record_verify(0, verify_ns)
+            self.plain_scale = self._average(self.plain_scale, verify_ns / self.profile.ns(1))
             self.plain_overhead_ns = self._average(self.plain_overhead_ns, max(0, round_ns - verify_ns))
         if timed:
             self.prior.learn(self)
@@ -228,16 +239,15 @@ class GoodputSizer:
         if self.num_blocks:
             self.prior.learn_acceptance(self.acceptance)
 
-    def _record_verify(self, num_draft_tokens: int, verify_ns: int) -> None:
-        self.verify_scale = self._average(self.verify_scale, verify_ns / self.profile.ns(num_draft_tokens + 1))
 
     def _average(self, average: float | None, sample: float) -> float:
         return sample if average is None else average + self.TIMING_WEIGHT * (sample - average)
 
     def round_ns(self, k: int) -> float:
-        verify_ns = self.verify_scale * self.profile.ns(k + 1)
         if k == 0:
-            return verify_ns + self.plain_overhead_ns
+            scale = self.verify_scale if self.plain_scale is None else self.plain_scale
+            return scale * self.profile.ns(1) + self.plain_overhead_ns
+        verify_ns = self.verify_scale * self.profile.ns(k + 1)
         # Before a round is timed, no overhead: the first plan errs towards speculating.
         return max(verify_ns, verify_ns + (self.overhead_ns or 0.0) + k * self.draft_ns_per_token)
 
@@ -245,6 +255,7 @@ class GoodputSizer:
         """The next block's size; one decision per verdict (or target-only round), however often it is asked."""
         if self._planned is None:
             self._planned = self._plan()
+            self.current = self._planned or self.current
         return max(0, min(self._planned, tokens_left - 1, load_cap))
 
     def _plan(self) -> int:
@@ -254,6 +265,8 @@ class GoodputSizer:
             return self.max_tokens  # no block measured yet
         goodputs = goodput_by_block_size(self.acceptance, self.max_tokens, self.round_ns)
         best_k = max(range(1, self.max_tokens + 1), key=goodputs.__getitem__)
+        if 0 < self.current <= self.max_tokens and goodputs[self.current] * self.CHANGE_MARGIN >= goodputs[best_k]:
+            best_k = self.current
         if not self.speculating:
             if self.plain_rounds < self.probe_after:
                 return 0

@@ -195,15 +195,32 @@ def test_goodput_sizes_a_sessions_first_block_from_the_sessions_before():
     assert first.next_size(100, 4) == 4  # nothing known yet: the request's k
     feed(first, [0] * 6, 4, CPU_LIKE, draft_ms=3.0)
     first.finish()
-    assert prior.acceptance < 0.7 and prior.draft_ns_per_token == pytest.approx(3 * MS, rel=0.01)
+    assert prior.acceptance == pytest.approx(first.acceptance)  # the first session replaces the default
+    assert prior.draft_ns_per_token == pytest.approx(3 * MS, rel=0.01)
     assert prior.overhead_ns == pytest.approx(MS, rel=0.01)
     second = GoodputSizer(4, CPU_LIKE, prior)
-    assert second.next_size(100, 4) < 4  # planned before its first block, from a prior acceptance of ~0.5
+    assert second.next_size(100, 4) == 0  # planned before its first block: the prior says it does not pay
     unused = GoodputSizer(4, CPU_LIKE, prior)
     unused.finish()  # a session that never drafted leaves the prior's acceptance alone
-    assert prior.acceptance == pytest.approx(0.7 + GoodputPrior.SESSION_WEIGHT * (first.acceptance - 0.7))
+    assert prior.acceptance == pytest.approx(first.acceptance) and prior.sessions == 1
+    for acceptance in (0.9, 0.9, 0.9, 0.9):
+        prior.learn_acceptance(acceptance)  # a mean of the first sessions, then a moving average
+    assert prior.acceptance == pytest.approx(0.9 - 0.7 * (0.9 - (first.acceptance + 2 * 0.9) / 3) * 0.7)
     prior.acceptance = 0.05  # where sessions found the draft useless, a new one starts on the target alone
     assert GoodputSizer(4, CPU_LIKE, prior).next_size(100, 4) == 0
+
+
+def test_goodput_learns_what_a_target_only_step_costs_apart():
+    """The profile's shape can err: target-only steps get a scale of their own once some were measured."""
+    sizer = GoodputSizer(4, CPU_LIKE)
+    feed(sizer, [4] * 3, 4, CPU_LIKE)  # verify forwards exactly as profiled
+    assert sizer.round_ns(0) == pytest.approx(CPU_LIKE.ns(1))
+    verify_4 = sizer.round_ns(4)
+    for _ in range(40):  # target-only steps 20% slower than profiled, 0.5 ms of bookkeeping each
+        verify_ns = int(1.2 * CPU_LIKE.ns(1))
+        sizer.record_round(0, verify_ns + MS // 2, verify_ns, 0, timed=True)
+    assert sizer.round_ns(0) == pytest.approx(1.2 * CPU_LIKE.ns(1) + MS / 2, rel=1e-3)
+    assert sizer.round_ns(4) == verify_4
 
 
 def test_goodput_respects_tokens_left_and_load():
