@@ -83,6 +83,10 @@ class TargetMetrics:
         self.draft_fallback_requests = Counter("splitspec:draft_fallback_requests",
                                                "Requests whose draft session failed at least once (they finished "
                                                "on another draft or on the target alone)", registry=registry)
+        self.decode_rounds = Counter("splitspec:decode_rounds",
+                                     "Decoding rounds by kind: speculative (a draft block verified) or target_only "
+                                     "(no draft server, a failed draft, k = 0 asked, or speculation switched off by "
+                                     "the block-size schedule or the load back-off)", ["kind"], registry=registry)
         self.batches = BatchMetrics(registry, "", "target")
 
     def record_block(self, num_draft_tokens: int, accepted_len: int) -> None:

@@ -197,6 +197,7 @@ class TargetEngine:
                     await speculation.send_verdict(block, verification,
                                                    self._next_block_size(request, sizer, len(generated) + len(emitted)))
                 stats.rounds += 1
+                self.metrics.decode_rounds.labels("speculative" if block else "target_only").inc()
                 stats.verify_ns += verify_ns
                 if block is not None:
                     stats.num_drafts_ahead += block.drafted_ahead

@@ -4,6 +4,7 @@ import pytest
 import torch
 from splitspec_client import Client
 
+from scrape import METRICS_FLAGS, metric, scrape
 from servers import start_target
 from target_server.block_size import (
     SCHEDULES,
@@ -236,7 +237,7 @@ def test_goodput_schedule_switches_a_useless_draft_off_losslessly(model_dirs, lo
     """The unrelated draft is almost never right: the goodput schedule stops asking it for blocks after a few, probes
     it now and then, and the output stays the target's."""
     target = start_target(model_dirs["target"], log_dir, "target-goodput", [unrelated_draft.address],
-                          "--num-speculative-tokens-schedule", "goodput")
+                          "--num-speculative-tokens-schedule", "goodput", *METRICS_FLAGS)
     try:
         with Client(target.address, timeout=120) as client:
             result = client.generate("The quick brown fox", max_new_tokens=80, ignore_eos=True,
@@ -247,5 +248,9 @@ def test_goodput_schedule_switches_a_useless_draft_off_losslessly(model_dirs, lo
         # rounds: most rounds run on the target alone.
         assert 3 <= stats.num_drafts <= 16 and stats.rounds >= 60, (stats.num_drafts, stats.rounds)
         assert not stats.fallback_reason
+        text = scrape(target)  # operators see it too
+        assert metric(text, "splitspec:decode_rounds_total", kind="speculative") == stats.num_drafts
+        assert metric(text, "splitspec:decode_rounds_total", kind="target_only") == stats.rounds - stats.num_drafts
+        assert "goodput schedule" in target.log()  # the start-up profile, logged
     finally:
         assert target.stop() == 0
