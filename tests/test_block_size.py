@@ -254,3 +254,46 @@ def test_goodput_schedule_switches_a_useless_draft_off_losslessly(model_dirs, lo
         assert "goodput schedule" in target.log()  # the start-up profile, logged
     finally:
         assert target.stop() == 0
+
+
+def test_a_session_asked_for_no_block_ends_its_draft_session_and_reopens_later(model_dirs, self_draft):
+    """Between a verdict asking for k tokens and the next round, the load back-off or the schedule may say 0: the
+    target decodes that round alone. The open draft session (drafting from a sequence that then grows) ends, and
+    the next round that wants a block opens a fresh one instead of waiting on a block no verdict will answer."""
+    import asyncio
+
+    from splitspec import models
+    from splitspec.sampling import SamplingParams
+    from splitspec.speculative import Verification
+    from target_server.draft_pool import DraftPool
+    from target_server.request import GenerationRequest
+    from target_server.speculation import Speculation
+
+    model = models.load_causal_lm(model_dirs["target"], torch.device("cpu"), torch.float32)
+    tokenizer = models.load_tokenizer(model_dirs["target"], required=True)
+    vocabulary = models.vocabulary_of(model, tokenizer)
+
+    async def scenario():
+        pool = DraftPool([self_draft.address], vocabulary)
+        await pool.start()
+        try:
+            request = GenerationRequest("reopen", tokenizer.encode("The quick brown fox"), SamplingParams(), 32, (),
+                                        True, 3)
+            speculation = Speculation(pool, request, vocabulary, timeout_s=5, max_reopens=0, draft_ahead=True)
+            token_ids = list(request.prompt_token_ids)
+            await speculation.open(token_ids, 3)
+            block = await speculation.next_block(token_ids, 3)
+            await speculation.send_verdict(block, Verification(3, 7), 3)  # asks for 3 more
+            token_ids += block.token_ids + [7]
+            assert await speculation.next_block(token_ids, 0) is None  # none this round after all
+            assert speculation.link is None and pool.endpoints[0].live_sessions == 0
+            token_ids.append(9)  # the target's own token of that round
+            block = await speculation.next_block(token_ids, 2)
+            assert block is not None and not speculation.fallback_reason
+            assert (block.block_index, block.start_position, len(block.token_ids)) == (0, len(token_ids), 2)
+            assert speculation.stale_blocks == 0
+            await speculation.close(cancel=True)
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
