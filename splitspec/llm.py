@@ -167,6 +167,8 @@ class LLM:
     speculative_config={"model": ..., "num_speculative_tokens": ...} (vLLM's newer spelling) works too.
     cpu_draft_worker: run the draft in a child process pinned to `draft_cpus` ("0-7" or a list) and
     `draft_numa_node`, with the dtype best for this CPU; else in this process on the target's device.
+    num_speculative_tokens_schedule: "constant" (default), "heuristic" or "goodput", as the target server's
+    --num-speculative-tokens-schedule (goodput profiles the target's forwards when the LLM starts).
     device: "auto" (CUDA when present, else the CPU), "cpu", "cuda", "cuda:N". dtype: "auto" (bfloat16 or float16
     on a GPU, float32 on the CPU), "float32", "bfloat16", "float16". seed: seeds the requests whose SamplingParams
     have none, in order (None: fresh randomness). max_num_seqs: most prompts in flight at once.
@@ -177,7 +179,7 @@ class LLM:
                  cpu_draft_worker: bool = False, tokenizer: str | None = None, dtype: str = "auto",
                  device: str = "auto", seed: int | None = 0, draft_cpus: str | list[int] | None = None,
                  draft_numa_node: int | None = None, max_num_seqs: int = 8, speculative_config: dict | None = None,
-                 **vllm_args):
+                 num_speculative_tokens_schedule: str = "constant", **vllm_args):
         known = [p for p in inspect.signature(LLM.__init__).parameters if p not in ("self", "vllm_args")]
         _check_vllm_arguments(vllm_args, known)
         speculative_model, num_speculative_tokens = _speculation(speculative_model, num_speculative_tokens,
@@ -188,6 +190,12 @@ class LLM:
             raise ValueError("draft_cpus and draft_numa_node pin the draft worker: set cpu_draft_worker=True")
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        from target_server.block_size import SCHEDULES
+
+        if num_speculative_tokens_schedule not in SCHEDULES:
+            raise ValueError(f"num_speculative_tokens_schedule must be one of {', '.join(SCHEDULES)}, "
+                             f"got {num_speculative_tokens_schedule!r}")
+        self.num_speculative_tokens_schedule = num_speculative_tokens_schedule
         from splitspec import models
         from splitspec.topology import parse_cpu_list
 
@@ -213,6 +221,7 @@ class LLM:
                draft_numa_node: int | None) -> None:
         from splitspec import models
         from splitspec.server_cli import build_runner
+        from target_server.block_size import measure_verify_profile
         from target_server.cli import build_parser
         from target_server.draft_pool import DraftPool
         from target_server.engine import TargetEngine
@@ -242,8 +251,13 @@ class LLM:
                 raise ValueError(f"speculative_model {self.speculative_model!r} cannot draft for {self.model!r}: "
                                  f"{endpoint.error}")
         defaults = build_parser()
-        runtime.engine = TargetEngine(build_runner(target, log), self.tokenizer, vocabulary, runtime.pool,
+        runner = build_runner(target, log)
+        # Without a draft every round is target-only, whatever the schedule.
+        schedule = self.num_speculative_tokens_schedule if runtime.draft else "constant"
+        verify_profile = measure_verify_profile(runner, k + 1) if schedule == "goodput" else None
+        runtime.engine = TargetEngine(runner, self.tokenizer, vocabulary, runtime.pool,
                                       defaults.get_default("draft_timeout"),
+                                      num_speculative_tokens_schedule=schedule, verify_profile=verify_profile,
                                       max_batch_size=defaults.get_default("max_num_seqs"),
                                       max_batch_tokens=defaults.get_default("max_num_batched_tokens"))
         self._limits = Limits(vocab_size=vocabulary.vocab_size, max_context_tokens=models.max_context_tokens(target),

@@ -139,7 +139,9 @@ async def _serve(args, device, dtype) -> int:
     runner = build_runner(model, log)
     verify_profile = None
     if args.num_speculative_tokens_schedule == "goodput":
-        verify_profile = measure_verify_profile(runner, args.max_num_speculative_tokens + 1)
+        longest = args.max_num_speculative_tokens + 1
+        context = max(1, min(64, models.max_context_tokens(model) - longest))  # a short-context model still fits
+        verify_profile = measure_verify_profile(runner, longest, context_tokens=context)
         log.info("target forward by tokens fed (goodput schedule): %s", verify_profile.describe())
     engine = TargetEngine(runner, tokenizer, vocabulary, pool, args.draft_timeout,
                           max_draft_reopens=args.max_draft_reopens,

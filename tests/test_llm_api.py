@@ -154,6 +154,19 @@ def test_in_process_draft_gives_the_targets_greedy_output(model_dirs, reference)
         llm.generate(PROMPTS[0])
 
 
+def test_goodput_schedule_in_process_keeps_the_targets_greedy_output(model_dirs, reference):
+    with LLM(model=model_dirs["target"], speculative_model=model_dirs["unrelated_draft"], num_speculative_tokens=4,
+             num_speculative_tokens_schedule="goodput") as llm:
+        outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))
+    for prompt, output in zip(PROMPTS, outputs):
+        assert output.outputs[0].token_ids == reference(prompt, 48)
+    # The unrelated draft is almost never right: most rounds ran on the target alone.
+    rounds = sum(output.metrics.rounds for output in outputs)
+    assert sum(output.metrics.num_drafts for output in outputs) < rounds / 2
+    with pytest.raises(ValueError, match="num_speculative_tokens_schedule"):
+        LLM(model=model_dirs["target"], num_speculative_tokens_schedule="fastest")
+
+
 def test_a_draft_with_another_vocabulary_is_refused(model_dirs):
     with pytest.raises(ValueError, match="vocabulary mismatch"):
         LLM(model=model_dirs["target"], speculative_model=model_dirs["mismatched_draft"])
