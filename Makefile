@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install proto test test-slow test-gpu lint clean
+.PHONY: install proto test test-slow test-gpu clean
 
 install: $(VENV)/.installed
 

@@ -40,11 +40,18 @@ class CandidateBlock:
     draft_ns: int
     preceding_token_id: int  # the draft's token at start_position - 1 (its guess, for a block drafted ahead)
     drafted_ahead: bool = False
+    num_drafted: int | None = None  # tokens draft_ns covers, when the block was cut shorter (`truncated`)
 
     def truncated(self, num_tokens: int) -> "CandidateBlock":
-        """The block's first `num_tokens` draft tokens: a prefix of draft tokens is itself a valid block."""
+        """The block's first `num_tokens` draft tokens: a prefix of draft tokens is itself a valid block. Its draft_ns
+        still covers every token drafted."""
         return dataclasses.replace(self, token_ids=self.token_ids[:num_tokens],
-                                   draft_probs=self.draft_probs[:num_tokens])
+                                   draft_probs=self.draft_probs[:num_tokens],
+                                   num_drafted=self.num_drafted or len(self.token_ids))
+
+    @property
+    def draft_ns_per_token(self) -> float:
+        return self.draft_ns / max(1, self.num_drafted or len(self.token_ids))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,8 @@ class BlockSizer:
         self.adaptive = adaptive
         self.current = max_tokens
 
-    def record(self, num_draft_tokens: int, accepted_len: int, verify_ns: int = 0, draft_ns: int = 0) -> None:
+    def record(self, num_draft_tokens: int, accepted_len: int, verify_ns: int = 0,
+               draft_ns_per_token: float = 0.0) -> None:
         """A block's verdict, before the next block's size is asked (with its forward's and its drafting's times)."""
         if self.adaptive and num_draft_tokens:
             step = 2 if accepted_len == num_draft_tokens else -1
@@ -204,8 +205,9 @@ class GoodputSizer:
     def acceptance(self) -> float:
         return self.accepted / (self.accepted + self.rejected)
 
-    def record(self, num_draft_tokens: int, accepted_len: int, verify_ns: int = 0, draft_ns: int = 0) -> None:
-        """A block's verdict, with the times of its verify forward and of its drafting (the draft's own measure):
+    def record(self, num_draft_tokens: int, accepted_len: int, verify_ns: int = 0,
+               draft_ns_per_token: float = 0.0) -> None:
+        """A block's verdict, with the time of its verify forward and the draft's time per token (its own measure):
         neither includes a prefill, so even a session's first block counts."""
         if not num_draft_tokens:
             return
@@ -214,9 +216,9 @@ class GoodputSizer:
         self.blocks_left_in_probe = max(0, self.blocks_left_in_probe - 1)
         self.blocks_since_on += 1
         self.num_blocks += 1
-        if verify_ns > 0 and draft_ns > 0:
+        if verify_ns > 0 and draft_ns_per_token > 0:
             self.verify_scale = self._average(self.verify_scale, verify_ns / self.profile.ns(num_draft_tokens + 1))
-            self.draft_ns_per_token = self._average(self.draft_ns_per_token, draft_ns / num_draft_tokens)
+            self.draft_ns_per_token = self._average(self.draft_ns_per_token, draft_ns_per_token)
             self.prior.learn(self)
         self._planned = None
 

@@ -185,7 +185,7 @@ class TargetEngine:
                     verification_row(sequence, block),
                     functools.partial(finish_verification, sequence, block, request.sampling, generator))
                 if block is not None:
-                    sizer.record(len(block.token_ids), verification.accepted_len, verify_ns, block.draft_ns)
+                    sizer.record(len(block.token_ids), verification.accepted_len, verify_ns, block.draft_ns_per_token)
                 new_token_ids = (block.token_ids if block else [])[: verification.accepted_len]
                 emitted, finish_reason = round_tokens(new_token_ids + [verification.next_token_id], len(generated),
                                                       request.max_new_tokens, eos_token_ids)

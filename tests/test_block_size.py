@@ -85,7 +85,7 @@ def feed(sizer: GoodputSizer, accepted_lens: list[int], k: int, profile: VerifyP
     for accepted_len in accepted_lens:
         verify_ns = int(profile.ns(k + 1))
         draft_ns = int(k * draft_ms * MS)
-        sizer.record(k, accepted_len, verify_ns, draft_ns)
+        sizer.record(k, accepted_len, verify_ns, draft_ns / k)
         asked.append(sizer.next_size(tokens_left=1000, load_cap=k))
         sizer.record_round(k, verify_ns + draft_ns + int(overhead_ms * MS), verify_ns, draft_ns, timed=True)
     return asked
@@ -141,9 +141,9 @@ def test_goodput_drafts_the_full_block_until_it_has_measured_one():
     # The first block's forward and drafting times are enough to plan, before any round is timed: here a draft
     # step costs a target step, and nothing was accepted: the shortest block, until the session's first
     # PROBE_BLOCKS blocks are in; then none.
-    sizer.record(6, 0, verify_ns=int(CPU_LIKE.ns(7)), draft_ns=6 * 26 * MS)
+    sizer.record(6, 0, verify_ns=int(CPU_LIKE.ns(7)), draft_ns_per_token=26 * MS)
     assert sizer.next_size(100, 6) == 1
-    sizer.record(1, 0, verify_ns=int(CPU_LIKE.ns(2)), draft_ns=26 * MS)
+    sizer.record(1, 0, verify_ns=int(CPU_LIKE.ns(2)), draft_ns_per_token=26 * MS)
     assert sizer.next_size(100, 6) == 0
 
 
@@ -297,3 +297,14 @@ def test_a_session_asked_for_no_block_ends_its_draft_session_and_reopens_later(m
             await pool.close()
 
     asyncio.run(scenario())
+
+
+def test_a_cut_block_keeps_the_drafting_cost_of_every_token_drafted():
+    from splitspec.protocol import CandidateBlock
+
+    block = CandidateBlock(block_index=0, start_position=10, token_ids=[1, 2, 3, 4, 5, 6, 7, 8], draft_probs=[],
+                           draft_ns=8000, preceding_token_id=0)
+    assert block.draft_ns_per_token == 1000
+    cut = block.truncated(5)
+    assert cut.token_ids == [1, 2, 3, 4, 5] and cut.draft_ns == 8000 and cut.draft_ns_per_token == 1000
+    assert cut.truncated(2).draft_ns_per_token == 1000
