@@ -136,9 +136,14 @@ class GoodputPrior:
     SESSION_WEIGHT = 0.3  # of a finished session's acceptance in the running mean, once there are a few
 
     def learn(self, sizer: "GoodputSizer") -> None:
-        self.draft_ns_per_token, self.overhead_ns = sizer.draft_ns_per_token, sizer.overhead_ns
+        """A session's latest estimates (what it has not measured leaves the prior's as it is)."""
+        if sizer.draft_ns_per_token is not None:
+            self.draft_ns_per_token = sizer.draft_ns_per_token
+        if sizer.overhead_ns is not None:
+            self.overhead_ns = sizer.overhead_ns
         self.plain_overhead_ns, self.verify_scale = sizer.plain_overhead_ns, sizer.verify_scale
-        self.plain_scale = sizer.plain_scale
+        if sizer.plain_samples >= sizer.CALIBRATION_ROUNDS or (sizer.plain_scale is not None and self.plain_scale):
+            self.plain_scale = sizer.plain_scale
 
     def learn_acceptance(self, acceptance: float) -> None:
         """A plain mean of the first sessions' acceptance (the default counts for none), then a moving one."""
@@ -166,7 +171,8 @@ class GoodputSizer:
     draft session ends; after `probe_after` target-only rounds (PROBE_AFTER, doubling up to MAX_PROBE_AFTER while
     probes keep failing) a probe of PROBE_BLOCKS blocks measures acceptance again (the session's acceptance so far
     counting as much as the prior then). A session's first PROBE_BLOCKS blocks are a probe too, unless the prior
-    already says speculation does not pay.
+    already says speculation does not pay. Until a target-only step has been timed on the server, a session begins
+    with CALIBRATION_ROUNDS of them (after its first round, which is not timed).
     """
 
     PRIOR_WEIGHT = 2.0
@@ -179,6 +185,7 @@ class GoodputSizer:
     PROBE_AFTER = 16
     MAX_PROBE_AFTER = 256
     PROBE_BLOCKS = 3
+    CALIBRATION_ROUNDS = 2  # timed target-only rounds a server's first sessions run before they speculate
 
     def __init__(self, max_tokens: int, profile: VerifyProfile, prior: GoodputPrior | None = None):
         self.max_tokens = max_tokens
@@ -192,6 +199,10 @@ class GoodputSizer:
         self.overhead_ns = self.prior.overhead_ns
         self.plain_overhead_ns = self.prior.plain_overhead_ns
         self.num_blocks = 0
+        self.plain_samples = 0  # timed target-only rounds
+        # What a target-only step costs is measured, not inferred from the profile (whose shape errs by ~5%): until
+        # some session has, a session starts with a few target-only rounds.
+        self.calibrating = self.plain_scale is None
         self.speculating = max_tokens > 0
         self.plain_rounds = 0  # target-only rounds since speculation stopped
         self.probe_after = self.PROBE_AFTER
@@ -230,10 +241,12 @@ class GoodputSizer:
         elif timed and verify_ns > 0:
             self.plain_scale = self._average(self.plain_scale, verify_ns / self.profile.ns(1))
             self.plain_overhead_ns = self._average(self.plain_overhead_ns, max(0, round_ns - verify_ns))
+            self.plain_samples += 1
         if timed:
             self.prior.learn(self)
         if not num_draft_tokens and not self.speculating:
             self.plain_rounds += 1
+        if not num_draft_tokens and (not self.speculating or self.calibrating):
             self._planned = None
 
     def finish(self) -> None:
@@ -263,6 +276,12 @@ class GoodputSizer:
     def _plan(self) -> int:
         if self.max_tokens == 0:
             return 0
+        if self.calibrating:
+            if self.plain_samples < self.CALIBRATION_ROUNDS and self.prior.plain_scale is None:
+                return 0
+            self.calibrating = False
+            if self.plain_scale is None:  # another session measured it meanwhile
+                self.plain_scale = self.prior.plain_scale
         if self.draft_ns_per_token is None:
             return self.max_tokens  # no block measured yet
         goodputs = goodput_by_block_size(self.acceptance, self.max_tokens, self.round_ns)

@@ -77,6 +77,11 @@ GPU_LIKE = VerifyProfile([1, 17], [20 * MS, 21 * MS])  # a forward costs about t
 CPU_LIKE = VerifyProfile([1, 2, 5, 9], [26 * MS, 37 * MS, 40 * MS, 48 * MS])  # the demo target on one CPU core
 
 
+def calibrated(max_tokens: int, profile: VerifyProfile) -> GoodputSizer:
+    """A session on a server that has timed a target-only step (as profiled)."""
+    return GoodputSizer(max_tokens, profile, GoodputPrior(plain_scale=1.0))
+
+
 def feed(sizer: GoodputSizer, accepted_lens: list[int], k: int, profile: VerifyProfile, draft_ms: float = 1.0,
          overhead_ms: float = 1.0) -> list[int]:
     """Blocks of k with these accepted lengths, each followed by its round's timing as the profile predicts; returns
@@ -133,8 +138,20 @@ def test_verify_profile_measures_real_forwards(model_dirs):
     assert runner.pool.slots_in_use == 0  # its throw-away sequence is released
 
 
+def test_goodput_times_target_only_steps_before_a_servers_first_speculation():
+    prior = GoodputPrior()
+    sizer = GoodputSizer(4, CPU_LIKE, prior)
+    assert sizer.next_size(100, 4) == 0
+    sizer.record_round(0, 50 * MS, 30 * MS, 0, timed=False)  # the first round: its time includes the prefill
+    assert sizer.next_size(100, 4) == 0
+    assert plain_rounds(sizer, GoodputSizer.CALIBRATION_ROUNDS, CPU_LIKE) == [0] * (GoodputSizer.CALIBRATION_ROUNDS
+                                                                                    - 1) + [4]
+    assert prior.plain_scale == pytest.approx(1.0, rel=0.01)
+    assert GoodputSizer(4, CPU_LIKE, prior).next_size(100, 4) == 4  # later sessions start at once
+
+
 def test_goodput_drafts_the_full_block_until_it_has_measured_one():
-    sizer = GoodputSizer(6, CPU_LIKE)
+    sizer = calibrated(6, CPU_LIKE)
     assert sizer.next_size(100, 6) == 6
     sizer.record(6, 0)  # a block without times
     assert sizer.next_size(100, 6) == 6
@@ -148,7 +165,7 @@ def test_goodput_drafts_the_full_block_until_it_has_measured_one():
 
 
 def test_goodput_drafts_long_blocks_where_verifying_them_is_cheap():
-    sizer = GoodputSizer(8, GPU_LIKE)
+    sizer = calibrated(8, GPU_LIKE)
     asked = feed(sizer, [8] * 3 + [7, 8, 8, 5, 8], 8, GPU_LIKE)
     assert asked[-1] == 8
     assert sizer.acceptance > 0.85
@@ -157,7 +174,7 @@ def test_goodput_drafts_long_blocks_where_verifying_them_is_cheap():
 def test_goodput_drafts_shorter_blocks_where_each_verified_token_costs():
     # On the CPU-like target a block of 8 costs 48 of the 26 ms of a target-only step, drafting 3 ms a token: at
     # alpha ~0.7 the best block is short but speculation still pays.
-    sizer = GoodputSizer(8, CPU_LIKE)
+    sizer = calibrated(8, CPU_LIKE)
     asked = feed(sizer, [3, 2, 4, 1, 3, 2, 8, 2, 3, 4], 8, CPU_LIKE, draft_ms=3.0)
     assert 1 <= asked[-1] <= 5
     round_costs = [sizer.round_ns(k) for k in range(9)]
@@ -165,7 +182,7 @@ def test_goodput_drafts_shorter_blocks_where_each_verified_token_costs():
 
 
 def test_goodput_switches_speculation_off_and_probes_back_with_growing_gaps():
-    sizer = GoodputSizer(4, CPU_LIKE)
+    sizer = calibrated(4, CPU_LIKE)
     asked = feed(sizer, [0, 0, 0, 1, 0, 0], 4, CPU_LIKE, draft_ms=3.0)
     assert asked[-1] == 0 and sizer.switched_off == 1
     first_off = asked.index(0)
@@ -182,7 +199,7 @@ def test_goodput_switches_speculation_off_and_probes_back_with_growing_gaps():
 
 
 def test_goodput_stays_on_when_a_probe_finds_the_draft_agrees_again():
-    sizer = GoodputSizer(4, CPU_LIKE)
+    sizer = calibrated(4, CPU_LIKE)
     feed(sizer, [0] * 6, 4, CPU_LIKE, draft_ms=3.0)
     assert plain_rounds(sizer, GoodputSizer.PROBE_AFTER, CPU_LIKE)[-1] > 0
     asked = feed(sizer, [4] * 8, 4, CPU_LIKE, draft_ms=3.0)  # every probe block accepted whole
@@ -191,7 +208,7 @@ def test_goodput_stays_on_when_a_probe_finds_the_draft_agrees_again():
 
 
 def test_goodput_sizes_a_sessions_first_block_from_the_sessions_before():
-    prior = GoodputPrior()
+    prior = GoodputPrior(plain_scale=1.0)
     first = GoodputSizer(4, CPU_LIKE, prior)
     assert first.next_size(100, 4) == 4  # nothing known yet: the request's k
     feed(first, [0] * 6, 4, CPU_LIKE, draft_ms=3.0)
@@ -213,7 +230,7 @@ def test_goodput_sizes_a_sessions_first_block_from_the_sessions_before():
 
 def test_goodput_learns_what_a_target_only_step_costs_apart():
     """The profile's shape can err: target-only steps get a scale of their own once some were measured."""
-    sizer = GoodputSizer(4, CPU_LIKE)
+    sizer = calibrated(4, CPU_LIKE)
     feed(sizer, [4] * 3, 4, CPU_LIKE)  # verify forwards exactly as profiled
     assert sizer.round_ns(0) == pytest.approx(CPU_LIKE.ns(1))
     verify_4 = sizer.round_ns(4)
@@ -225,12 +242,12 @@ def test_goodput_learns_what_a_target_only_step_costs_apart():
 
 
 def test_goodput_respects_tokens_left_and_load():
-    sizer = GoodputSizer(8, GPU_LIKE)
+    sizer = calibrated(8, GPU_LIKE)
     feed(sizer, [8] * 4, 8, GPU_LIKE)
     assert sizer.next_size(tokens_left=3, load_cap=8) == 2
     assert sizer.next_size(tokens_left=100, load_cap=4) == 4
     assert sizer.next_size(tokens_left=100, load_cap=0) == 0
-    assert GoodputSizer(0, GPU_LIKE).next_size(100, 8) == 0
+    assert calibrated(0, GPU_LIKE).next_size(100, 8) == 0
 
 
 def test_goodput_schedule_switches_a_useless_draft_off_losslessly(model_dirs, log_dir, reference, unrelated_draft):
