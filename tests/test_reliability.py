@@ -12,6 +12,7 @@ from splitspec_client import Client
 from splitspec_client.v1 import draft_pb2, draft_pb2_grpc
 
 from servers import start_draft, start_target
+from target_server.block_size import GoodputSizer
 
 PROMPT = "The quick brown fox"
 LONG = 200  # tokens: long enough that a fault lands mid-generation
@@ -184,3 +185,39 @@ def test_overload_is_refused_at_once_and_admitted_requests_complete(model_dirs, 
             assert client.info().live_sessions == 0
     finally:
         assert target.stop() == 0
+
+
+def test_goodput_sessions_switching_speculation_off_and_on_leak_nothing(model_dirs, log_dir, reference):
+    """The goodput schedule ends and reopens draft sessions as it switches speculation off and probes (the
+    unrelated draft: almost never right). Six concurrent requests, two cancelled midway: the others equal the target
+    alone, and no session stays open on either half."""
+    draft = start_draft(model_dirs["unrelated_draft"], log_dir, "churn-draft")
+    target = start_target(model_dirs["target"], log_dir, "churn-target", [draft.address],
+                          "--num-speculative-tokens-schedule", "goodput")
+    prompts = [f"{PROMPT} {i}" for i in range(6)]
+    try:
+        def run(i):
+            with Client(target.address, timeout=120) as client:
+                if i < 2:
+                    stream = client.stream(prompts[i], max_new_tokens=LONG, ignore_eos=True, num_speculative_tokens=4)
+                    for _ in range(30):
+                        next(stream)
+                    stream.close()  # cancels the RPC
+                    return None
+                return client.generate(prompts[i], max_new_tokens=100, ignore_eos=True, num_speculative_tokens=4)
+
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            results = list(pool.map(run, range(len(prompts))))
+        for prompt, result in zip(prompts[2:], results[2:]):
+            assert list(result.token_ids) == reference(prompt, 100)
+            assert not result.stats.fallback_reason
+        # Speculation was switched off for most rounds, and probed again: a session's first blocks, then probes
+        # after 16 and 32 target-only rounds, each opening a new draft session.
+        for result in results[2:]:
+            assert 2 * GoodputSizer.PROBE_BLOCKS < result.stats.num_drafts < result.stats.rounds / 2, result.stats
+        with Client(target.address, timeout=10) as client:
+            assert wait_until(lambda: client.info().live_sessions == 0 and draft_live_sessions(draft.address) == 0,
+                              2.0), "sessions still live after every request ended"
+    finally:
+        assert target.stop() == 0
+        assert draft.stop() == 0
