@@ -116,3 +116,16 @@ def test_a_bfloat16_target_on_the_gpu_serves_speculative_sessions(model_dirs, lo
         assert result.stats.num_drafts > 0 and not result.stats.fallback_reason
     finally:
         assert target.stop() == 0, target.log()
+
+
+def test_the_goodput_schedule_on_the_gpu_keeps_the_targets_output(model_dirs, log_dir, gpu_draft, cuda_reference):
+    """Its start-up profile times forwards on the GPU (synchronized); block sizes follow, output does not change."""
+    target = start_target(model_dirs["target"], log_dir, "gpu-goodput-target", [gpu_draft.address], "--device",
+                          "cuda", "--num-speculative-tokens-schedule", "goodput")
+    try:
+        results = _at_once(target.address, PROMPTS, max_new_tokens=40, num_speculative_tokens=4)
+        for prompt, token_ids in zip(PROMPTS, results):
+            assert token_ids == cuda_reference(prompt, 40), prompt
+        assert "target forward by tokens fed (goodput schedule)" in target.log()
+    finally:
+        assert target.stop() == 0, target.log()
