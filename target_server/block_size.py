@@ -157,7 +157,7 @@ class GoodputSizer:
     Its estimates, per session, starting from the server's `GoodputPrior`:
       acceptance     - per-token acceptance alpha: accepted draft tokens over accepted plus rejected ones (one
                        rejection per block not accepted whole), with old blocks decaying and the prior's acceptance
-                       worth PRIOR_WEIGHT tokens.
+                       worth PRIOR_WEIGHT tokens (up to 4 x that, from a prior of several sessions).
       round_ns(k)    - verify(k + 1) + overhead + k x draft step for a block of k; verify(1) + target-only overhead
                        for k = 0. verify is the start-up `VerifyProfile` times the ratio the session's forwards
                        measured to it (which follows the machine's load and the batch the session shares), a ratio
@@ -191,8 +191,10 @@ class GoodputSizer:
         self.max_tokens = max_tokens
         self.profile = profile
         self.prior = prior or GoodputPrior()
-        self.accepted = self.prior.acceptance * self.PRIOR_WEIGHT
-        self.rejected = (1 - self.prior.acceptance) * self.PRIOR_WEIGHT
+        # The prior weighs more once it is the mean of more sessions (up to 4 x PRIOR_WEIGHT).
+        weight = self.PRIOR_WEIGHT * (1 + min(self.prior.sessions, 3))
+        self.accepted = self.prior.acceptance * weight
+        self.rejected = (1 - self.prior.acceptance) * weight
         self.verify_scale = self.prior.verify_scale
         self.plain_scale = self.prior.plain_scale
         self.draft_ns_per_token = self.prior.draft_ns_per_token
