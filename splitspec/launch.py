@@ -1,6 +1,7 @@
 """A draft server and a target server as two OS processes on loopback, each on its own CPUs: what the demo and
 the benchmark run. Only the servers' command lines are used, as a user would start them."""
 
+import concurrent.futures
 import contextlib
 import os
 import pathlib
@@ -99,6 +100,19 @@ class ServerProcess:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+def start_together(starts: dict, started: dict) -> None:
+    """Run the `starts` (name: a function starting a server) side by side, as most of a start is waiting on imports;
+    each server that comes up goes into `started` under its name (for the caller to stop, whatever happens), then the
+    first start's error, if any, is raised."""
+    with concurrent.futures.ThreadPoolExecutor(len(starts)) as pool:
+        futures = {name: pool.submit(start) for name, start in starts.items()}
+        for name, future in futures.items():
+            with contextlib.suppress(Exception):  # raised below, once every started server is kept
+                started[name] = future.result()
+        for future in futures.values():
+            future.result()
 
 
 def stop_all(servers: list[ServerProcess]) -> None:

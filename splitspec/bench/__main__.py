@@ -17,8 +17,6 @@ target share one small machine here, and the absolute times count only on a GPU.
 """
 
 import argparse
-import concurrent.futures
-import contextlib
 import datetime
 import os
 import pathlib
@@ -194,34 +192,25 @@ def measure_pair(pair, draft_address: str, target_cpus: list[int], log_dir: path
         return launch.start_target(pair.target_dir, draft_address, target_cpus, log_dir, device=args.target_device,
                                    dtype=args.target_dtype, extra_args=extra_args, name=name)
 
-    servers = []
+    servers = {}
     try:
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(start, "target"),
-                       pool.submit(start, "target-goodput", "--num-speculative-tokens-schedule", "goodput")]
-            for future in futures:
-                with contextlib.suppress(Exception):  # raised again below, once every started server is kept
-                    servers.append(future.result())
-            for future in futures:
-                future.result()
-        with Client(servers[0].address, timeout=600) as client, Client(servers[1].address, timeout=600) as goodput:
+        launch.start_together({"target": lambda: start("target"),
+                               "goodput": lambda: start("target-goodput", "--num-speculative-tokens-schedule",
+                                                        "goodput")}, servers)
+        with (Client(servers["target"].address, timeout=600) as client,
+              Client(servers["goodput"].address, timeout=600) as goodput):
             # (client, k) per system; the goodput schedule's key is "goodput".
             systems = {k: (client, k) for k in [0, *config["ks"]]} | {"goodput": (goodput, max(config["ks"]))}
             for system_client, k in systems.values():
                 runs.run_splitspec(system_client, prompts[:1], 4, k)  # warm-up: a fresh process is slow at first
-            # Every system on one prompt, then every system on the next: drift in the machine's load falls on all.
-            per_prompt = {system: [] for system in systems}
-            for prompt in prompts:
-                for system, (system_client, k) in systems.items():
-                    per_prompt[system].append(runs.run_splitspec(system_client, [prompt], config["max_new_tokens"], k))
-        measured = {system: modes.merge(parts) for system, parts in per_prompt.items()}
+            measured = runs.run_interleaved(systems, prompts, config["max_new_tokens"])
         for system, run in measured.items():
             label = f"goodput schedule k<={max(config['ks'])}" if system == "goodput" else f"k={system}"
             progress(f"alpha {pair.acceptance:.2f} splitspec {label}: {run.tokens_per_s:.1f} tok/s"
                      + (f", a block in {run.num_drafts}/{run.rounds} rounds" if system == "goodput" else ""))
         return measured, measured.pop("goodput")
     finally:
-        launch.stop_all(servers)
+        launch.stop_all(list(servers.values()))
 
 
 def measure_modes(config, args, draft_address: str, target_cpus: list[int], log_dir: pathlib.Path, prompts,

@@ -14,9 +14,7 @@ system runs a prompt before any runs the next, and each concurrency level times 
 back: the machine's load drifts, and falls alike on what is compared.
 """
 
-import concurrent.futures
-import contextlib
-import dataclasses
+import functools
 import pathlib
 import threading
 import time
@@ -54,31 +52,20 @@ def run_modes(pair, draft_address: str, target_cpus: list[int], log_dir: pathlib
     started = time.monotonic()
     servers, clients = {}, {}
     try:
-        # Started side by side: most of a start is waiting on imports, and the CPUs are idle between two runs.
-        with concurrent.futures.ThreadPoolExecutor(len(SERVERS)) as pool:
-            futures = {name: pool.submit(start_target, pair.target_dir, draft_address, target_cpus, log_dir, name,
-                                         device, dtype)
-                       for name in SERVERS}
-            for name, future in futures.items():
-                with contextlib.suppress(Exception):  # raised again below, once every started server is kept
-                    servers[name] = future.result()
-            for future in futures.values():
-                future.result()
+        launch.start_together({name: functools.partial(start_target, pair.target_dir, draft_address, target_cpus,
+                                                       log_dir, name, device, dtype)
+                               for name in SERVERS}, servers)
         for name, server in servers.items():
             clients[name] = Client(server.address, timeout=600)
             runs.run_splitspec(clients[name], prompts[:1], 4, k)  # warm-up: a fresh process's first passes are slow
         progress(f"modes: {len(servers)} target servers up on {device}, CPUs {format_cpu_list(target_cpus)} "
                  f"({time.monotonic() - started:.0f}s)")
 
-        # Every system on one prompt, then every system on the next: drift in the machine's load falls on all.
         systems = [("pipelined", 0), *[(name, block) for block in sorted({k, adaptive_k})
                                        for name in ("pipelined", "sequential")], ("adaptive", adaptive_k),
                    ("goodput", adaptive_k)]
-        per_prompt = {system: [] for system in systems}
-        for prompt in prompts:
-            for name, block in systems:
-                per_prompt[name, block].append(runs.run_splitspec(clients[name], [prompt], tokens, block))
-        measured = {system: merge(parts) for system, parts in per_prompt.items()}
+        measured = runs.run_interleaved({(name, block): (clients[name], block) for name, block in systems}, prompts,
+                                        tokens)
         for (name, block), run in measured.items():
             progress(f"modes: {name} {'target-only' if block == 0 else f'k={block}'}: {run.tokens_per_s:.1f} tok/s"
                      + (f", drafted ahead {run.num_drafts_ahead}/{run.num_drafts} blocks" if block else ""))
@@ -112,15 +99,6 @@ def run_modes(pair, draft_address: str, target_cpus: list[int], log_dir: pathlib
         "concurrency": concurrency,
         "seconds": round(time.monotonic() - started, 1),
     }
-
-
-def merge(parts: list[runs.Run]) -> runs.Run:
-    """One Run from runs of the same system on different prompts (sums and concatenations)."""
-    merged = runs.Run()
-    for part in parts:
-        for field in dataclasses.fields(runs.Run):
-            setattr(merged, field.name, getattr(merged, field.name) + getattr(part, field.name))
-    return merged
 
 
 def _drafted_ahead(run: runs.Run) -> float:

@@ -96,6 +96,25 @@ def run_splitspec(client: Client, prompts: list[list[int]], max_new_tokens: int,
     return run
 
 
+def merge(parts: list[Run]) -> Run:
+    """One Run from runs of the same system on different prompts (sums and concatenations)."""
+    merged = Run()
+    for part in parts:
+        for field in dataclasses.fields(Run):
+            setattr(merged, field.name, getattr(merged, field.name) + getattr(part, field.name))
+    return merged
+
+
+def run_interleaved(systems: dict, prompts: list[list[int]], max_new_tokens: int) -> dict:
+    """{key: Run} for `systems` {key: (client, k)}: every system on one prompt, then every system on the next, so
+    that drift in the machine's load falls on all of them."""
+    per_prompt = {key: [] for key in systems}
+    for prompt in prompts:
+        for key, (client, k) in systems.items():
+            per_prompt[key].append(run_splitspec(client, [prompt], max_new_tokens, k))
+    return {key: merge(parts) for key, parts in per_prompt.items()}
+
+
 @contextlib.contextmanager
 def on_cpus(cpus: list[int]):
     """Run this process's torch work on `cpus` with one thread each, as a server pinned to them would."""
