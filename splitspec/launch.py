@@ -125,11 +125,12 @@ def stop_all(servers: list[ServerProcess]) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
-def start_draft(model_dir: str, cpus: list[int], log_dir: pathlib.Path, max_num_speculative_tokens: int = 16):
+def start_draft(model_dir: str, cpus: list[int], log_dir: pathlib.Path, max_num_speculative_tokens: int = 16,
+                name: str = "draft"):
     """The draft server pinned to `cpus` (it pins itself), one thread per CPU, float32 weights."""
     return ServerProcess("draft_server", ["--model", model_dir, "--cpus", format_cpu_list(cpus), "--dtype", "float32",
                                           "--max-num-speculative-tokens", str(max_num_speculative_tokens)],
-                         log_dir / "draft.log")
+                         log_dir / f"{name}.log")
 
 
 def start_target(model_dir: str, draft_address: str, cpus: list[int], log_dir: pathlib.Path,

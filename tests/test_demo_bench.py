@@ -72,9 +72,8 @@ def test_demo_pair_is_deterministic_and_reused(models_dir):
     assert built == []  # found in the cache, not rebuilt
 
 
-def test_demo_shape_draft_step_is_at_most_an_eighth_of_a_target_step():
-    # Per-token work is the weights a token passes through (the embedding is a lookup): count them.
-    shape = demo_models.SHAPES["demo"]
+def _draft_work_over_target_work(shape: demo_models.PairShape) -> float:
+    """Per-token work is the weights a token passes through (the embedding is a lookup): count them."""
     with torch.device("meta"):
         target = LlamaForCausalLM(LlamaConfig(
             vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
@@ -82,7 +81,29 @@ def test_demo_shape_draft_step_is_at_most_an_eighth_of_a_target_step():
             num_key_value_heads=shape.num_key_value_heads, tie_word_embeddings=False))
     per_layer = sum(p.numel() for p in target.model.layers[0].parameters())
     head = target.lm_head.weight.numel()
-    assert (shape.draft_layers * per_layer + head) / (shape.num_layers * per_layer + head) <= 1 / 8
+    return (shape.draft_layers * per_layer + head) / (shape.num_layers * per_layer + head)
+
+
+def test_demo_shape_draft_step_is_at_most_an_eighth_of_a_target_step():
+    assert _draft_work_over_target_work(demo_models.SHAPES["demo"]) <= 1 / 8
+
+
+def test_deep_draft_shape_drafts_a_block_of_three_or_four_in_about_one_verify():
+    # Verifying 4-5 tokens on a CPU costs about 1.4-1.6 target steps (make bench's v(k)): a draft step of 0.3-0.5
+    # of a target step makes k x draft step ~ verify at k = 3-4.
+    assert 0.3 <= _draft_work_over_target_work(demo_models.SHAPES["demo-deep-draft"]) <= 0.5
+
+
+def test_deep_draft_pair_is_the_targets_first_layers_and_follows_the_knob(models_dir):
+    pair = demo_models.ensure_pair(0.9, "tiny-deep-draft", models_dir / "deep")
+    shape = demo_models.SHAPES["tiny-deep-draft"]
+    target = AutoModelForCausalLM.from_pretrained(pair.target_dir).eval()
+    draft = AutoModelForCausalLM.from_pretrained(pair.draft_dir).eval()
+    assert (target.config.num_hidden_layers, draft.config.num_hidden_layers) == (shape.num_layers, 2)
+    target_weights = target.state_dict()
+    for name, weight in draft.state_dict().items():  # the draft's layers are the target's, unscaled
+        assert torch.equal(weight, target_weights[name]), name
+    assert abs(pair.measured_acceptance - pair.acceptance) < 0.1, pair
 
 
 def test_demo_driver_streams_and_prints_its_stats(models_dir):
@@ -172,6 +193,13 @@ def test_bench_quick_runs_end_to_end_and_writes_its_fields(models_dir, tmp_path)
     for row in [*modes["pipelining"], modes["adaptive"], modes["goodput"], *modes["concurrency"]]:
         assert row["same_tokens_as_baseline"] and row["fallbacks"] == 0, row
     assert "| streams |" in result.stdout
+    deep_draft = modes["deep_draft"]  # pipelined vs sequential on the deep-draft pairs
+    assert [row["acceptance_knob"] for row in deep_draft["rows"]] == deep_draft["config"]["acceptances"]
+    for row in deep_draft["rows"]:
+        assert row["same_tokens_as_baseline"] and row["fallbacks"] == 0, row
+        assert row["num_drafts"] > 0 and row["sequential_drafted_ahead"] == 0, row
+        assert row["draft_wait_p50_ms"] > 0 and row["verify_p50_ms"] > 0, row
+    assert "pipelined vs sequential on the tiny-deep-draft pairs" in result.stdout
     try:
         import matplotlib  # noqa: F401
     except ImportError:

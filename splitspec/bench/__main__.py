@@ -10,7 +10,8 @@ Each pair also runs the goodput block-size schedule (--num-speculative-tokens-sc
 against the best constant k and target-only.
 
 After the sweep, the modes (splitspec/bench/modes.py; --no-modes skips them): pipelined vs sequential, adaptive vs
-fixed k, and 1/2/4/8 concurrent streams, on the alpha 0.9 pair (--modes-acceptance picks another).
+fixed k, and 1/2/4/8 concurrent streams, on the alpha 0.9 pair (--modes-acceptance picks another); then pipelined vs
+sequential on the deep-draft pairs at alpha 0.9 and 0.95, where k x draft step ~ verify.
 
 Writes OUTPUT/bench.json and OUTPUT/bench.png, and prints a table. Read the speedups as ratios: the draft and the
 target share one small machine here, and the absolute times count only on a GPU.
@@ -174,6 +175,8 @@ def sweep(config: dict, args, progress: Progress) -> dict:
         if "modes" in config:
             results["modes"] = measure_modes(config, args, draft.address, target_cpus, log_dir, prompts, tokenizer,
                                              progress)
+            results["modes"]["deep_draft"] = measure_deep_draft(config, args, draft_cpus, target_cpus, log_dir,
+                                                                prompts, progress)
         results["grpc_rtt"] = grpc_rtt.measure(draft_cpus, target_cpus)
         rtt = results["grpc_rtt"]
         progress(f"bare gRPC bidi round trip between the halves' CPUs: p50 {rtt['p50_ms']:.2f} ms back to back, "
@@ -226,6 +229,18 @@ def measure_modes(config, args, draft_address: str, target_cpus: list[int], log_
     stream_prompts = demo_models.text_prompts(tokenizer, modules, max(options["concurrency"]), 16).tolist()
     return modes.run_modes(pair, draft_address, target_cpus, log_dir, prompts, stream_prompts, options, progress,
                            args.target_device, args.target_dtype)
+
+
+def measure_deep_draft(config, args, draft_cpus: list[int], target_cpus: list[int], log_dir: pathlib.Path, prompts,
+                       progress) -> dict:
+    """Pipelined vs sequential on the deep-draft pairs (their own draft server, beside the sweep's idle one)."""
+    options = config["modes"]["deep_draft"]
+    pairs = {}
+    for acceptance in options["acceptances"]:
+        directory = args.models_dir / demo_models.pair_name(options["shape"], acceptance) if args.models_dir else None
+        pairs[acceptance] = demo_models.ensure_pair(acceptance, options["shape"], directory, log=progress)
+    return modes.run_deep_draft(pairs, draft_cpus, target_cpus, log_dir, prompts, config["modes"], progress,
+                                args.target_device, args.target_dtype)
 
 
 def measure_hf(pair, cpus: list[int], prompts, config, args, progress) -> dict:

@@ -1,4 +1,4 @@
-"""`make bench`'s modes: the target server's performance options, compared on one demo pair, as ratios.
+"""`make bench`'s modes: the target server's performance options, compared on demo pairs, as ratios.
 
   pipelined vs sequential - the target started with --draft-ahead (its default) and with --no-draft-ahead: tokens/s,
                             speedup over target-only, and the share of blocks drafted ahead (num_drafts_ahead /
@@ -8,14 +8,19 @@
   concurrent streams      - aggregate tokens/s of 1, 2, 4, ... streams at once (one thread and one channel each,
                             `Client.generate` on different prompts), splitspec at k and target-only
                             (num_speculative_tokens=0) on the same server, and each one's ratio to one stream.
+  deep-draft pipelining   - pipelined vs sequential again, on the deep-draft pairs (`demo_models.SHAPES`), where
+                            drafting a block takes about as long as verifying it (k x draft step ~ verify, measured
+                            from the sequential rounds): there drafting ahead has the most to hide.
 
-Four target servers (one per flag set), all up at once, share the sweep's draft server. Every single-stream
-system runs a prompt before any runs the next, and each concurrency level times splitspec and target-only back to
-back: the machine's load drifts, and falls alike on what is compared.
+Four target servers (one per flag set), all up at once, share the sweep's draft server; the deep-draft pairs get
+a draft server of their own (they share its model: the draft's layers are never scaled) and two target servers
+each. Every single-stream system runs a prompt before any runs the next, and each concurrency level times splitspec
+and target-only back to back: the machine's load drifts, and falls alike on what is compared.
 """
 
 import functools
 import pathlib
+import statistics
 import threading
 import time
 
@@ -25,8 +30,10 @@ from splitspec import launch
 from splitspec.bench import report, runs
 from splitspec.topology import format_cpu_list
 
-DEFAULTS = dict(acceptance=0.9, k=4, adaptive_k=8, concurrency=[1, 2, 4, 8], max_new_tokens=96, stream_tokens=64)
-QUICK = dict(acceptance=0.9, k=4, adaptive_k=8, concurrency=[1, 2], max_new_tokens=12, stream_tokens=12)
+DEFAULTS = dict(acceptance=0.9, k=4, adaptive_k=8, concurrency=[1, 2, 4, 8], max_new_tokens=96, stream_tokens=64,
+                deep_draft=dict(shape="demo-deep-draft", acceptances=[0.9, 0.95], k=4))
+QUICK = dict(acceptance=0.9, k=4, adaptive_k=8, concurrency=[1, 2], max_new_tokens=12, stream_tokens=12,
+             deep_draft=dict(shape="tiny-deep-draft", acceptances=[0.9], k=2))
 SERVERS = {  # name: extra target flags
     "pipelined": ["--draft-ahead"],
     "sequential": ["--no-draft-ahead"],
@@ -99,6 +106,51 @@ def run_modes(pair, draft_address: str, target_cpus: list[int], log_dir: pathlib
         "concurrency": concurrency,
         "seconds": round(time.monotonic() - started, 1),
     }
+
+
+def run_deep_draft(pairs: dict, draft_cpus: list[int], target_cpus: list[int], log_dir: pathlib.Path,
+                   prompts: list[list[int]], config: dict, progress, device: str = "cpu", dtype: str = "auto") -> dict:
+    """The "deep_draft" section of bench.json: a pipelining row per pair ({alpha knob: DemoPair}) at k, with how
+    long the sequential rounds waited for their block against how long they verified it."""
+    k, tokens = config["deep_draft"]["k"], config["max_new_tokens"]
+    started = time.monotonic()
+    rows = []
+    first = next(iter(pairs.values()))
+    draft = launch.start_draft(first.draft_dir, draft_cpus, log_dir, name="draft-deep")
+    try:
+        for acceptance, pair in pairs.items():
+            servers, clients = {}, {}
+            try:
+                launch.start_together({name: functools.partial(
+                    launch.start_target, pair.target_dir, draft.address, target_cpus, log_dir, device=device,
+                    dtype=dtype, extra_args=tuple(SERVERS[name]), name=f"target-deep-{acceptance:.2f}-{name}")
+                    for name in ("pipelined", "sequential")}, servers)
+                for name, server in servers.items():
+                    clients[name] = Client(server.address, timeout=600)
+                    runs.run_splitspec(clients[name], prompts[:1], 4, k)  # warm-up
+                measured = runs.run_interleaved({("pipelined", 0): (clients["pipelined"], 0),
+                                                 ("pipelined", k): (clients["pipelined"], k),
+                                                 ("sequential", k): (clients["sequential"], k)}, prompts, tokens)
+            finally:
+                for client in clients.values():
+                    client.close()
+                launch.stop_all(list(servers.values()))
+            sequential = measured["sequential", k]
+            waited_ms = statistics.median(sequential.round_waited_draft_ns) / 1e6
+            verify_ms = statistics.median(sequential.round_verify_ns) / 1e6
+            rows.append({"acceptance_knob": acceptance, "alpha_at_build": round(pair.measured_acceptance, 4),
+                         "draft_wait_p50_ms": round(waited_ms, 2), "verify_p50_ms": round(verify_ms, 2),
+                         "draft_over_verify": round(waited_ms / verify_ms, 3),
+                         **pipelining_row(k, measured["pipelined", k], sequential, measured["pipelined", 0])})
+            row = rows[-1]
+            progress(f"deep-draft pipelining, alpha {acceptance:.2f} k={k}: pipelined "
+                     f"{row['pipelined_tokens_per_s']:.1f} tok/s, sequential {row['sequential_tokens_per_s']:.1f} "
+                     f"({row['pipelined_over_sequential']:.2f}x); drafting {waited_ms:.1f} ms vs verifying "
+                     f"{verify_ms:.1f} ms per sequential round")
+    finally:
+        launch.stop_all([draft])
+    return {"config": {**config["deep_draft"], "prompts": len(prompts), "max_new_tokens": tokens}, "rows": rows,
+            "seconds": round(time.monotonic() - started, 1)}
 
 
 def _drafted_ahead(run: runs.Run) -> float:
@@ -240,6 +292,8 @@ def table(modes: dict) -> str:
     lines.append(f"| constant schedule (fixed k) | {row['k']} | {row['fixed_tokens_per_s']:.1f} | "
                  f"{row['fixed_speedup']:.2f}x | 1.00x | "
                  f"- | {row['fixed_mean_block']:.1f} | - |")
+    if "deep_draft" in modes:
+        lines += ["", deep_draft_table(modes["deep_draft"])]
     lines += ["", f"concurrent streams, {config['stream_tokens']} tokens each, k={config['k']}, draft-ahead on:", "",
               "| streams | splitspec tok/s (aggregate) | x one stream | sessions per target forward | "
               "target-only tok/s (aggregate) | x one stream | sessions per forward | splitspec / target-only |",
@@ -249,4 +303,22 @@ def table(modes: dict) -> str:
                      f"{row['mean_batch_size']:.1f} | {row['target_only_tokens_per_s']:.1f} | "
                      f"{row['target_only_over_one_stream']:.2f}x | {row['target_only_mean_batch_size']:.1f} | "
                      f"{row['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def deep_draft_table(deep_draft: dict) -> str:
+    config = deep_draft["config"]
+    lines = [f"pipelined vs sequential on the {config['shape']} pairs ({config['prompts']} prompt(s) x "
+             f"{config['max_new_tokens']} tokens), where k x draft step ~ verify:", "",
+             "| alpha knob | k | drafting / verifying (ms, p50 of sequential rounds) | pipelined tok/s | "
+             "sequential tok/s | pipelined / sequential | blocks drafted ahead | speedup over target-only "
+             "(pipelined, sequential) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in deep_draft["rows"]:
+        lines.append(f"| {row['acceptance_knob']:.2f} | {row['k']} | {row['draft_wait_p50_ms']:.1f} / "
+                     f"{row['verify_p50_ms']:.1f} ({row['draft_over_verify']:.2f}) | "
+                     f"{row['pipelined_tokens_per_s']:.1f} | {row['sequential_tokens_per_s']:.1f} | "
+                     f"{row['pipelined_over_sequential']:.2f}x | {row['drafted_ahead']:.0%} "
+                     f"({row['num_drafts_ahead']}/{row['num_drafts']}) | {row['pipelined_speedup']:.2f}x, "
+                     f"{row['sequential_speedup']:.2f}x |")
     return "\n".join(lines)
