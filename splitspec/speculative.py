@@ -102,3 +102,12 @@ def goodput_by_block_size(acceptance_rate: float, max_tokens: int, round_ns) -> 
     `round_ns(k)` is what a round with a block of k costs and round_ns(0) a target-only step (which emits 1 token).
     The best k is the argmax; 0 means speculation costs more than it brings."""
     return [expected_tokens_per_round(acceptance_rate, k) / round_ns(k) for k in range(max_tokens + 1)]
+
+
+def chance_drafted_ahead_stands(acceptance_rate: float, k: int) -> float:
+    """The chance that a block drafted ahead of the verdict on a block of k draft tokens is used: all k accepted and
+    the target's next token the draft's own guess, taken to hold as often as a draft token is accepted:
+    alpha^(k+1)."""
+    if not 0 <= acceptance_rate <= 1:
+        raise ValueError(f"acceptance_rate must be in [0, 1], got {acceptance_rate}")
+    return acceptance_rate ** (k + 1)

@@ -1,10 +1,15 @@
 """The draft's Speculate handler, in this process with a scripted engine: the order it reads requests and sends
-blocks in when a block drafted ahead and the next verdict race (the model path is covered end to end elsewhere)."""
+blocks in when a block drafted ahead and the next verdict race (the model path is covered end to end elsewhere);
+and a draft session's choice to draft ahead."""
 
 import asyncio
 
+import torch
+
+from draft_server.engine import AHEAD_MIN_CHANCE, DraftLimits, DraftSession
 from draft_server.servicer import DraftServicer
 from splitspec import wire
+from splitspec.kv_cache import Sequence
 from splitspec.models import Vocabulary
 from splitspec.protocol import CandidateBlock, SessionStart, Verdict
 from splitspec.sampling import SamplingParams
@@ -106,3 +111,37 @@ def test_a_verdict_that_arrives_while_drafting_ahead_waits_for_that_block():
     assert sent == [(0, False), (9, False)]
     assert engine.events == ["start", "ahead", "step 0"] and engine.closed
     assert engine.session.pending_verdict is not None
+
+
+def test_the_draft_drafts_ahead_while_its_blocks_are_accepted_and_stops_when_they_are_not():
+    class Tokens(Sequence):  # token ids only: the decision needs no model
+        cached_len = 0
+
+        def truncate_cache(self, length):
+            pass
+
+    start = SessionStart([1, 2, 3], SamplingParams(), 4, VOCABULARY, "r", draft_ahead=True)
+    session = DraftSession(1, start, Tokens([1, 2, 3]), DraftLimits(8, 1024, 16, 4), torch.device("cpu"))
+    assert not session.drafting_ahead_pays()  # no block is open: nothing to draft ahead of
+
+    def round_with(accepted_len: int) -> bool:
+        """Open a block of 4, answer it with `accepted_len` accepted; whether the next block is drafted ahead."""
+        position = len(session.sequence.token_ids)
+        session.open_blocks.append(CandidateBlock(session.next_block_index, position, [7, 7, 7, 7], [], 0, 3))
+        session.sequence.token_ids += [7, 7, 7, 7]
+        verdict = Verdict(session.next_block_index, accepted_len, 9, position + accepted_len, 4)
+        session.apply_verdict(verdict, VOCABULARY.vocab_size)
+        session.next_block_index += 1
+        session.open_blocks.append(CandidateBlock(session.next_block_index, position, [7, 7, 7, 7], [], 0, 3))
+        pays = session.drafting_ahead_pays()
+        session.open_blocks.clear()
+        return pays
+
+    session.open_blocks.append(CandidateBlock(0, 3, [7] * 8, [], 0, 3))
+    assert session.drafting_ahead_pays()  # before any verdict: drafted ahead of, even a block of 8
+    session.open_blocks.clear()
+    assert AHEAD_MIN_CHANCE > 0.8**9  # ...which after one would take more than the prior 0.8 per token
+    assert [round_with(0) for _ in range(3)][-1] is False  # rejections at the first token switch it off...
+    assert [round_with(4) for _ in range(6)][-1] is True  # ...and whole blocks accepted switch it on again
+    assert round_with(3)  # one rejection late in a block does not
+    assert 0.7 < session.acceptance_estimate < 1

@@ -12,6 +12,7 @@ from scipy.stats import chisquare
 from splitspec.sampling import make_generator, sample
 from splitspec.speculative import (
     Verification,
+    chance_drafted_ahead_stands,
     expected_tokens_per_round,
     ideal_speedup,
     verify_greedy,
@@ -175,6 +176,13 @@ def test_expected_tokens_and_ideal_speedup():
     assert ideal_speedup(0.5, 2, draft_step_cost=0.1, verify_cost=1.2) == pytest.approx(1.75 / 1.4)
     with pytest.raises(ValueError, match="acceptance_rate"):
         expected_tokens_per_round(1.5, 2)
+
+
+def test_a_block_drafted_ahead_stands_when_the_whole_block_and_the_guess_are_accepted():
+    assert chance_drafted_ahead_stands(0.9, 4) == pytest.approx(0.9**5)
+    assert chance_drafted_ahead_stands(1.0, 8) == 1.0 and chance_drafted_ahead_stands(0.0, 1) == 0.0
+    with pytest.raises(ValueError, match="acceptance_rate"):
+        chance_drafted_ahead_stands(-0.1, 2)
 
 
 def test_a_round_emits_its_tokens_up_to_the_first_eos_or_the_length_limit():
