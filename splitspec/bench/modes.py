@@ -310,12 +310,13 @@ def deep_draft_table(deep_draft: dict) -> str:
     config = deep_draft["config"]
     lines = [f"pipelined vs sequential on the {config['shape']} pairs ({config['prompts']} prompt(s) x "
              f"{config['max_new_tokens']} tokens), where k x draft step ~ verify:", "",
-             "| alpha knob | k | drafting / verifying (ms, p50 of sequential rounds) | pipelined tok/s | "
+             "| alpha knob | alpha | k | drafting / verifying (ms, p50 of sequential rounds) | pipelined tok/s | "
              "sequential tok/s | pipelined / sequential | blocks drafted ahead | speedup over target-only "
              "(pipelined, sequential) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in deep_draft["rows"]:
-        lines.append(f"| {row['acceptance_knob']:.2f} | {row['k']} | {row['draft_wait_p50_ms']:.1f} / "
+        lines.append(f"| {row['acceptance_knob']:.2f} | {row['pipelined_alpha']:.2f} | {row['k']} | "
+                     f"{row['draft_wait_p50_ms']:.1f} / "
                      f"{row['verify_p50_ms']:.1f} ({row['draft_over_verify']:.2f}) | "
                      f"{row['pipelined_tokens_per_s']:.1f} | {row['sequential_tokens_per_s']:.1f} | "
                      f"{row['pipelined_over_sequential']:.2f}x | {row['drafted_ahead']:.0%} "
