@@ -20,19 +20,18 @@ from splitspec.kv_cache import ForwardRow, Sequence
 from splitspec.metrics import DraftMetrics
 from splitspec.models import Vocabulary
 from splitspec.protocol import CandidateBlock, SessionStart, SparseDistribution, Verdict
-from splitspec.speculative import chance_drafted_ahead_stands
+from splitspec.speculative import DRAFT_AHEAD_MIN_CHANCE, chance_drafted_ahead_stands
 from splitspec.sampling import SamplingParams, logits_to_probs, make_generator, sample_sparse, sparse_distribution
 
 log = logging.getLogger(__name__)
 
 # Drafting ahead (DraftSession.drafting_ahead_pays): the per-token acceptance estimate starts at 0.8 (4 accepted, 1
-# rejected) at the first verdict, each verdict's weight decays by AHEAD_DECAY, and a block is drafted ahead when its chance of being used
-# is at least AHEAD_MIN_CHANCE (alpha >= 0.72 at k = 4, 0.84 at k = 8): above the break-even of its latency
-# alone, 1 / (2k + 1) (a chance p saves k draft steps, 1 - p costs half of one on average), leaving room for the
-# draft compute a wasted block takes from other sessions.
+# rejected) at the first verdict, each verdict's weight decays by AHEAD_DECAY, and a block is drafted ahead when its
+# chance of being used is at least DRAFT_AHEAD_MIN_CHANCE, 0.2 (alpha >= 0.72 at k = 4, 0.84 at k = 8): above the
+# break-even of its latency alone, 1 / (2k + 1) (a chance p saves k draft steps, 1 - p costs half of one on
+# average), leaving room for the draft compute a wasted block takes from other sessions.
 AHEAD_PRIOR = (4.0, 1.0)
 AHEAD_DECAY = 0.9
-AHEAD_MIN_CHANCE = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +167,7 @@ class DraftSession:
         if self.num_verdicts == 0:
             return True
         open_block_size = len(self.open_blocks[-1].token_ids)
-        return chance_drafted_ahead_stands(self.acceptance_estimate, open_block_size) >= AHEAD_MIN_CHANCE
+        return chance_drafted_ahead_stands(self.acceptance_estimate, open_block_size) >= DRAFT_AHEAD_MIN_CHANCE
 
     def check_block_size(self, field: str, num_tokens: int, allow_zero: bool) -> None:
         low = 0 if allow_zero else 1

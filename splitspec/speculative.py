@@ -104,6 +104,11 @@ def goodput_by_block_size(acceptance_rate: float, max_tokens: int, round_ns) -> 
     return [expected_tokens_per_round(acceptance_rate, k) / round_ns(k) for k in range(max_tokens + 1)]
 
 
+# The draft drafts a block ahead when the chance that it is used is at least this (draft_server.engine); the goodput
+# schedule (target_server.block_size) counts on blocks drafted ahead only then.
+DRAFT_AHEAD_MIN_CHANCE = 0.2
+
+
 def chance_drafted_ahead_stands(acceptance_rate: float, k: int) -> float:
     """The chance that a block drafted ahead of the verdict on a block of k draft tokens is used: all k accepted and
     the target's next token the draft's own guess, taken to hold as often as a draft token is accepted:
@@ -111,3 +116,13 @@ def chance_drafted_ahead_stands(acceptance_rate: float, k: int) -> float:
     if not 0 <= acceptance_rate <= 1:
         raise ValueError(f"acceptance_rate must be in [0, 1], got {acceptance_rate}")
     return acceptance_rate ** (k + 1)
+
+
+def expected_round_ns(verify_ns: float, overhead_ns: float, draft_ns: float, drafted_ahead_chance: float) -> float:
+    """A round's expected time: its block's verification, the overhead, and the block's drafting `draft_ns`, which
+    is all on the critical path when the block is drafted after the verdict before it, and only in part (what the
+    round before did not hide: its verification and overhead) when it was drafted ahead, with
+    `drafted_ahead_chance`."""
+    exposed_when_ahead = max(0.0, draft_ns - verify_ns - overhead_ns)
+    return (verify_ns + overhead_ns + (1 - drafted_ahead_chance) * draft_ns
+            + drafted_ahead_chance * exposed_when_ahead)

@@ -18,7 +18,8 @@ import time
 import torch
 
 from splitspec.kv_cache import Runner
-from splitspec.speculative import goodput_by_block_size
+from splitspec.speculative import (DRAFT_AHEAD_MIN_CHANCE, chance_drafted_ahead_stands, expected_round_ns,
+                                   goodput_by_block_size)
 
 
 SCHEDULES = ("constant", "heuristic", "goodput")
@@ -39,7 +40,8 @@ class BlockSizer:
             step = 2 if accepted_len == num_draft_tokens else -1
             self.current = max(1, min(self.max_tokens, self.current + step))
 
-    def record_round(self, num_draft_tokens: int, round_ns: int, verify_ns: int, draft_ns: int, timed: bool) -> None:
+    def record_round(self, num_draft_tokens: int, round_ns: int, verify_ns: int, draft_ns: int, timed: bool,
+                     drafted_ahead: bool = False) -> None:
         """A round's timing, once it is over (unused here)."""
 
     def finish(self) -> None:
@@ -158,12 +160,13 @@ class GoodputSizer:
       acceptance     - per-token acceptance alpha: accepted draft tokens over accepted plus rejected ones (one
                        rejection per block not accepted whole), with old blocks decaying and the prior's acceptance
                        worth PRIOR_WEIGHT tokens (up to 4 x that, from a prior of several sessions).
-      round_ns(k)    - verify(k + 1) + overhead + k x draft step for a block of k; verify(1) + target-only overhead
-                       for k = 0. verify is the start-up `VerifyProfile` times the ratio the session's forwards
+      round_ns(k)    - verify(k + 1) + overhead + k x draft step for a block of k, less the drafting a block drafted
+                       ahead hides (`expected_round_ns`: with chance alpha^(k+1) when the target has draft-ahead
+                       on and the draft drafts ahead at that chance); verify(1) + target-only overhead for k = 0. verify is the start-up `VerifyProfile` times the ratio the session's forwards
                        measured to it (which follows the machine's load and the batch the session shares), a ratio
                        of its own for target-only steps once there were some (the profile's shape errs); the draft
                        step is the draft's own measure per token; overhead is what a round costs beyond its verify
-                       forward and its block's drafting (negative when drafting ahead hides the drafting).
+                       forward and its block's drafting, from rounds whose block was drafted after the verdict.
     A block's verify and drafting times count from the first block on; a round's overhead only from rounds that
     neither open a draft session (the draft's prefill) nor follow the target's prefill.
 
@@ -187,9 +190,11 @@ class GoodputSizer:
     PROBE_BLOCKS = 3
     CALIBRATION_ROUNDS = 2  # timed target-only rounds a server's first sessions run before they speculate
 
-    def __init__(self, max_tokens: int, profile: VerifyProfile, prior: GoodputPrior | None = None):
+    def __init__(self, max_tokens: int, profile: VerifyProfile, prior: GoodputPrior | None = None,
+                 draft_ahead: bool = False):
         self.max_tokens = max_tokens
         self.profile = profile
+        self.draft_ahead = draft_ahead
         self.prior = prior or GoodputPrior()
         # The prior weighs more once it is the mean of more sessions (up to 4 x PRIOR_WEIGHT).
         weight = self.PRIOR_WEIGHT * (1 + min(self.prior.sessions, 3))
@@ -235,10 +240,11 @@ class GoodputSizer:
             self.prior.learn(self)
         self._planned = None
 
-    def record_round(self, num_draft_tokens: int, round_ns: int, verify_ns: int, draft_ns: int, timed: bool) -> None:
+    def record_round(self, num_draft_tokens: int, round_ns: int, verify_ns: int, draft_ns: int, timed: bool,
+                     drafted_ahead: bool = False) -> None:
         """A round's time from verdict to verdict, once it is over; `timed` False for a round whose time includes a
         prefill or a draft session's opening."""
-        if timed and num_draft_tokens:
+        if timed and num_draft_tokens and not drafted_ahead:
             self.overhead_ns = self._average(self.overhead_ns, round_ns - verify_ns - draft_ns)
         elif timed and verify_ns > 0:
             self.plain_scale = self._average(self.plain_scale, verify_ns / self.profile.ns(1))
@@ -265,8 +271,10 @@ class GoodputSizer:
             scale = self.verify_scale if self.plain_scale is None else self.plain_scale
             return scale * self.profile.ns(1) + self.plain_overhead_ns
         verify_ns = self.verify_scale * self.profile.ns(k + 1)
+        chance = chance_drafted_ahead_stands(self.acceptance, k) if self.draft_ahead else 0.0
         # Before a round is timed, no overhead: the first plan errs towards speculating.
-        return max(verify_ns, verify_ns + (self.overhead_ns or 0.0) + k * self.draft_ns_per_token)
+        return max(verify_ns, expected_round_ns(verify_ns, self.overhead_ns or 0.0, k * self.draft_ns_per_token,
+                                                chance if chance >= DRAFT_AHEAD_MIN_CHANCE else 0.0))
 
     def next_size(self, tokens_left: int, load_cap: int) -> int:
         """The next block's size; one decision per verdict (or target-only round), however often it is asked."""
@@ -310,11 +318,11 @@ class GoodputSizer:
 
 
 def make_sizer(schedule: str, max_tokens: int, profile: VerifyProfile | None,
-               prior: GoodputPrior | None = None) -> BlockSizer | GoodputSizer:
+               prior: GoodputPrior | None = None, draft_ahead: bool = False) -> BlockSizer | GoodputSizer:
     if schedule == "goodput":
         if profile is None:
             raise ValueError("the goodput schedule needs the target's VerifyProfile")
-        return GoodputSizer(max_tokens, profile, prior)
+        return GoodputSizer(max_tokens, profile, prior, draft_ahead)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: one of {', '.join(SCHEDULES)}")
     return BlockSizer(max_tokens, adaptive=schedule == "heuristic")

@@ -164,7 +164,7 @@ class TargetEngine:
         speculation = Speculation(self.pool, request, self.vocabulary, self.draft_timeout_s, self.max_draft_reopens,
                                   self.draft_ahead)
         sizer = make_sizer(self.num_speculative_tokens_schedule, request.num_speculative_tokens, self.verify_profile,
-                           self.goodput_prior)
+                           self.goodput_prior, self.draft_ahead)
         generated: list[int] = []
         try:
             await speculation.open(sequence.token_ids, self._next_block_size(request, sizer, 0))
@@ -222,7 +222,8 @@ class TargetEngine:
                 # Not timed: the first round (it overlaps the prefills) and one that opened a draft session.
                 sizer.record_round(len(block.token_ids) if block else 0, timing.round_ns, verify_ns,
                                    timing.block_draft_ns,
-                                   timed=stats.rounds > 1 and (block is None or block.block_index > 0))
+                                   timed=stats.rounds > 1 and (block is None or block.block_index > 0),
+                                   drafted_ahead=timing.drafted_ahead)
                 if finish_reason:
                     await speculation.close()
                     detokenizer.flush()

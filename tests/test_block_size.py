@@ -181,6 +181,34 @@ def test_goodput_drafts_shorter_blocks_where_each_verified_token_costs():
     assert round_costs == sorted(round_costs)  # a longer block always costs more here
 
 
+def test_goodput_counts_on_blocks_drafted_ahead_where_the_target_drafts_ahead():
+    # A draft as slow as the demo-deep-draft pair's (10 ms a token beside a 26 ms target step), most blocks accepted
+    # whole: drafting a block costs as much as verifying it, unless it is drafted ahead while the one before is
+    # verified. Without drafting ahead the longest block is best; with it, the longest whose drafting the round
+    # before can hide, 4 x 10 ms within 40 + 1 ms (a longer one is drafted ahead less often, and shows in part).
+    sequential, pipelined = calibrated(8, CPU_LIKE), GoodputSizer(8, CPU_LIKE, GoodputPrior(plain_scale=1.0),
+                                                                  draft_ahead=True)
+    accepted = [8, 8, 4, 8, 8, 8, 6, 8, 8, 8]
+    feed(sequential, accepted, 8, CPU_LIKE, draft_ms=10.0)
+    feed(pipelined, accepted, 8, CPU_LIKE, draft_ms=10.0)
+    assert sequential.overhead_ns == pipelined.overhead_ns == pytest.approx(MS, rel=0.01)
+    assert pipelined.acceptance == sequential.acceptance > 0.95
+    for k in range(1, 9):  # what drafting ahead hides, with chance alpha^(k+1)
+        assert pipelined.round_ns(k) < sequential.round_ns(k)
+    best = {name: max(range(1, 9), key=lambda k: sizer_goodput(sizer, k))
+            for name, sizer in (("sequential", sequential), ("pipelined", pipelined))}
+    assert best == {"sequential": 8, "pipelined": 4}, best
+    # A round whose block was drafted ahead teaches no overhead: its drafting overlapped the round before.
+    pipelined.record_round(8, 30 * MS, 28 * MS, 80 * MS, timed=True, drafted_ahead=True)
+    assert pipelined.overhead_ns == pytest.approx(MS, rel=0.01)
+
+
+def sizer_goodput(sizer: GoodputSizer, k: int) -> float:
+    from splitspec.speculative import expected_tokens_per_round
+
+    return expected_tokens_per_round(sizer.acceptance, k) / sizer.round_ns(k)
+
+
 def test_goodput_switches_speculation_off_and_probes_back_with_growing_gaps():
     sizer = calibrated(4, CPU_LIKE)
     asked = feed(sizer, [0, 0, 0, 1, 0, 0], 4, CPU_LIKE, draft_ms=3.0)

@@ -6,10 +6,11 @@ import asyncio
 
 import torch
 
-from draft_server.engine import AHEAD_MIN_CHANCE, DraftLimits, DraftSession
+from draft_server.engine import DraftLimits, DraftSession
 from draft_server.servicer import DraftServicer
 from splitspec import wire
 from splitspec.kv_cache import Sequence
+from splitspec.speculative import DRAFT_AHEAD_MIN_CHANCE
 from splitspec.models import Vocabulary
 from splitspec.protocol import CandidateBlock, SessionStart, Verdict
 from splitspec.sampling import SamplingParams
@@ -140,7 +141,7 @@ def test_the_draft_drafts_ahead_while_its_blocks_are_accepted_and_stops_when_the
     session.open_blocks.append(CandidateBlock(0, 3, [7] * 8, [], 0, 3))
     assert session.drafting_ahead_pays()  # before any verdict: drafted ahead of, even a block of 8
     session.open_blocks.clear()
-    assert AHEAD_MIN_CHANCE > 0.8**9  # ...which after one would take more than the prior 0.8 per token
+    assert DRAFT_AHEAD_MIN_CHANCE > 0.8**9  # ...which after one would take more than the prior 0.8 per token
     assert [round_with(0) for _ in range(3)][-1] is False  # rejections at the first token switch it off...
     assert [round_with(4) for _ in range(6)][-1] is True  # ...and whole blocks accepted switch it on again
     assert round_with(3)  # one rejection late in a block does not

@@ -13,6 +13,7 @@ from splitspec.sampling import make_generator, sample
 from splitspec.speculative import (
     Verification,
     chance_drafted_ahead_stands,
+    expected_round_ns,
     expected_tokens_per_round,
     ideal_speedup,
     verify_greedy,
@@ -183,6 +184,13 @@ def test_a_block_drafted_ahead_stands_when_the_whole_block_and_the_guess_are_acc
     assert chance_drafted_ahead_stands(1.0, 8) == 1.0 and chance_drafted_ahead_stands(0.0, 1) == 0.0
     with pytest.raises(ValueError, match="acceptance_rate"):
         chance_drafted_ahead_stands(-0.1, 2)
+
+
+def test_a_round_drafted_ahead_shows_only_the_drafting_the_round_before_did_not_hide():
+    assert expected_round_ns(30, 2, 20, 0.0) == 52  # drafted after the verdict: all of it
+    assert expected_round_ns(30, 2, 20, 1.0) == 32  # drafted ahead, within the 32 the round before took
+    assert expected_round_ns(30, 2, 50, 1.0) == 50  # drafted ahead, but longer than that round: 18 show
+    assert expected_round_ns(30, 2, 50, 0.5) == pytest.approx(0.5 * 82 + 0.5 * 50)
 
 
 def test_a_round_emits_its_tokens_up_to_the_first_eos_or_the_length_limit():
