@@ -162,7 +162,8 @@ class GoodputSizer:
                        worth PRIOR_WEIGHT tokens (up to 4 x that, from a prior of several sessions).
       round_ns(k)    - verify(k + 1) + overhead + k x draft step for a block of k, less the drafting a block drafted
                        ahead hides (`expected_round_ns`: with chance alpha^(k+1) when the target has draft-ahead
-                       on and the draft drafts ahead at that chance); verify(1) + target-only overhead for k = 0. verify is the start-up `VerifyProfile` times the ratio the session's forwards
+                       on and the draft drafts ahead at that chance); verify(1) + target-only overhead for k = 0.
+                       verify is the start-up `VerifyProfile` times the ratio the session's forwards
                        measured to it (which follows the machine's load and the batch the session shares), a ratio
                        of its own for target-only steps once there were some (the profile's shape errs); the draft
                        step is the draft's own measure per token; overhead is what a round costs beyond its verify
