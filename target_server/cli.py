@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Largest num_speculative_tokens a request may ask for.")
     parser.add_argument("--draft-ahead", action=argparse.BooleanOptionalAction, default=True,
                         help="Let draft servers draft the next block while the target verifies the current one, on "
-                             "the guess that it is fully accepted; used without a round trip when the guess holds.")
+                             "the guess that it is fully accepted (where their recent acceptance makes that likely); "
+                             "used without a round trip when the guess holds.")
     parser.add_argument("--num-speculative-tokens-schedule", default="constant",
                         choices=["constant", "heuristic", "goodput"],  # block_size.SCHEDULES, without torch
                         help="Each session's block sizes, up to the request's num_speculative_tokens. constant: that "
