@@ -194,7 +194,8 @@ def test_bench_quick_runs_end_to_end_and_writes_its_fields(models_dir, tmp_path)
         assert row["same_tokens_as_baseline"] and row["fallbacks"] == 0, row
     assert "| streams |" in result.stdout
     deep_draft = modes["deep_draft"]  # pipelined vs sequential on the deep-draft pairs
-    assert [row["acceptance_knob"] for row in deep_draft["rows"]] == deep_draft["config"]["acceptances"]
+    assert [(row["acceptance_knob"], row["k"]) for row in deep_draft["rows"]] == [
+        (acceptance, k) for acceptance in deep_draft["config"]["acceptances"] for k in deep_draft["config"]["ks"]]
     for row in deep_draft["rows"]:
         assert row["same_tokens_as_baseline"] and row["fallbacks"] == 0, row
         assert row["num_drafts"] > 0 and row["sequential_drafted_ahead"] == 0, row

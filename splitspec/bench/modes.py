@@ -31,9 +31,9 @@ from splitspec.bench import report, runs
 from splitspec.topology import format_cpu_list
 
 DEFAULTS = dict(acceptance=0.9, k=4, adaptive_k=8, concurrency=[1, 2, 4, 8], max_new_tokens=96, stream_tokens=64,
-                deep_draft=dict(shape="demo-deep-draft", acceptances=[0.9, 0.95], k=4))
+                deep_draft=dict(shape="demo-deep-draft", acceptances=[0.9, 0.95], ks=[3, 4]))
 QUICK = dict(acceptance=0.9, k=4, adaptive_k=8, concurrency=[1, 2], max_new_tokens=12, stream_tokens=12,
-             deep_draft=dict(shape="tiny-deep-draft", acceptances=[0.9], k=2))
+             deep_draft=dict(shape="tiny-deep-draft", acceptances=[0.9], ks=[2]))
 SERVERS = {  # name: extra target flags
     "pipelined": ["--draft-ahead"],
     "sequential": ["--no-draft-ahead"],
@@ -110,9 +110,9 @@ def run_modes(pair, draft_address: str, target_cpus: list[int], log_dir: pathlib
 
 def run_deep_draft(pairs: dict, draft_cpus: list[int], target_cpus: list[int], log_dir: pathlib.Path,
                    prompts: list[list[int]], config: dict, progress, device: str = "cpu", dtype: str = "auto") -> dict:
-    """The "deep_draft" section of bench.json: a pipelining row per pair ({alpha knob: DemoPair}) at k, with how
+    """The "deep_draft" section of bench.json: a pipelining row per pair ({alpha knob: DemoPair}) and k, with how
     long the sequential rounds waited for their block against how long they verified it."""
-    k, tokens = config["deep_draft"]["k"], config["max_new_tokens"]
+    ks, tokens = config["deep_draft"]["ks"], config["max_new_tokens"]
     started = time.monotonic()
     rows = []
     first = next(iter(pairs.values()))
@@ -127,30 +127,37 @@ def run_deep_draft(pairs: dict, draft_cpus: list[int], target_cpus: list[int], l
                     for name in ("pipelined", "sequential")}, servers)
                 for name, server in servers.items():
                     clients[name] = Client(server.address, timeout=600)
-                    runs.run_splitspec(clients[name], prompts[:1], 4, k)  # warm-up
-                measured = runs.run_interleaved({("pipelined", 0): (clients["pipelined"], 0),
-                                                 ("pipelined", k): (clients["pipelined"], k),
-                                                 ("sequential", k): (clients["sequential"], k)}, prompts, tokens)
+                    runs.run_splitspec(clients[name], prompts[:1], 4, ks[0])  # warm-up
+                systems = {("pipelined", 0): (clients["pipelined"], 0)}
+                for k in ks:
+                    systems |= {(name, k): (clients[name], k) for name in ("pipelined", "sequential")}
+                measured = runs.run_interleaved(systems, prompts, tokens)
             finally:
                 for client in clients.values():
                     client.close()
                 launch.stop_all(list(servers.values()))
-            sequential = measured["sequential", k]
-            waited_ms = statistics.median(sequential.round_waited_draft_ns) / 1e6
-            verify_ms = statistics.median(sequential.round_verify_ns) / 1e6
-            rows.append({"acceptance_knob": acceptance, "alpha_at_build": round(pair.measured_acceptance, 4),
-                         "draft_wait_p50_ms": round(waited_ms, 2), "verify_p50_ms": round(verify_ms, 2),
-                         "draft_over_verify": round(waited_ms / verify_ms, 3),
-                         **pipelining_row(k, measured["pipelined", k], sequential, measured["pipelined", 0])})
-            row = rows[-1]
-            progress(f"deep-draft pipelining, alpha {acceptance:.2f} k={k}: pipelined "
-                     f"{row['pipelined_tokens_per_s']:.1f} tok/s, sequential {row['sequential_tokens_per_s']:.1f} "
-                     f"({row['pipelined_over_sequential']:.2f}x); drafting {waited_ms:.1f} ms vs verifying "
-                     f"{verify_ms:.1f} ms per sequential round")
+            for k in ks:
+                rows.append(deep_draft_row(acceptance, pair, k, measured["pipelined", k], measured["sequential", k],
+                                           measured["pipelined", 0]))
+                row = rows[-1]
+                progress(f"deep-draft pipelining, alpha {acceptance:.2f} k={k}: pipelined "
+                         f"{row['pipelined_tokens_per_s']:.1f} tok/s, sequential {row['sequential_tokens_per_s']:.1f}"
+                         f" ({row['pipelined_over_sequential']:.2f}x); drafting {row['draft_wait_p50_ms']:.1f} ms vs "
+                         f"verifying {row['verify_p50_ms']:.1f} ms per sequential round")
     finally:
         launch.stop_all([draft])
     return {"config": {**config["deep_draft"], "prompts": len(prompts), "max_new_tokens": tokens}, "rows": rows,
             "seconds": round(time.monotonic() - started, 1)}
+
+
+def deep_draft_row(acceptance: float, pair, k: int, pipelined: runs.Run, sequential: runs.Run,
+                   baseline: runs.Run) -> dict:
+    waited_ms = statistics.median(sequential.round_waited_draft_ns) / 1e6
+    verify_ms = statistics.median(sequential.round_verify_ns) / 1e6
+    return {"acceptance_knob": acceptance, "alpha_at_build": round(pair.measured_acceptance, 4),
+            "draft_wait_p50_ms": round(waited_ms, 2), "verify_p50_ms": round(verify_ms, 2),
+            "draft_over_verify": round(waited_ms / verify_ms, 3),
+            **pipelining_row(k, pipelined, sequential, baseline)}
 
 
 def _drafted_ahead(run: runs.Run) -> float:
