@@ -20,15 +20,15 @@ from splitspec.kv_cache import ForwardRow, Sequence
 from splitspec.metrics import DraftMetrics
 from splitspec.models import Vocabulary
 from splitspec.protocol import CandidateBlock, SessionStart, SparseDistribution, Verdict
-from splitspec.speculative import DRAFT_AHEAD_MIN_CHANCE, chance_drafted_ahead_stands
+from splitspec.speculative import DecayedAcceptance, draft_ahead_pays
 from splitspec.sampling import SamplingParams, logits_to_probs, make_generator, sample_sparse, sparse_distribution
 
 log = logging.getLogger(__name__)
 
 # Drafting ahead (DraftSession.drafting_ahead_pays): the per-token acceptance estimate starts at 0.8 (4 accepted, 1
 # rejected) at the first verdict, each verdict's weight decays by AHEAD_DECAY, and a block is drafted ahead when its
-# chance of being used is at least DRAFT_AHEAD_MIN_CHANCE, 0.2 (alpha >= 0.72 at k = 4, 0.84 at k = 8): above the
-# break-even of its latency alone, 1 / (2k + 1) (a chance p saves k draft steps, 1 - p costs half of one on
+# chance of being used is at least speculative.DRAFT_AHEAD_MIN_CHANCE, 0.2 (alpha >= 0.72 at k = 4, 0.84 at k = 8):
+# above the break-even of its latency alone, 1 / (2k + 1) (a chance p saves k draft steps, 1 - p costs half of one on
 # average), leaving room for the draft compute a wasted block takes from other sessions.
 AHEAD_PRIOR = (4.0, 1.0)
 AHEAD_DECAY = 0.9
@@ -67,7 +67,7 @@ class DraftSession:
         self.open_blocks: collections.deque[CandidateBlock] = collections.deque()
         self.ahead_guess: int | None = None  # the token the block being drafted ahead assumes the target emits
         # Per-token acceptance of the session's recent blocks, decayed per verdict (see drafting_ahead_pays).
-        self.accepted_weight, self.rejected_weight = AHEAD_PRIOR
+        self.acceptance = DecayedAcceptance(*AHEAD_PRIOR, decay=AHEAD_DECAY)
         self.num_verdicts = 0
         # Set by the event loop when the verdict on the open block arrives while the next block is drafted ahead;
         # the drafting step checks it against its guess (which the event loop may not know yet).
@@ -139,8 +139,7 @@ class DraftSession:
             raise InvalidArgument("verdict.next_token_id", f"must be in [0, {vocab_size}), got {verdict.next_token_id}")
         ahead_stands = len(self.open_blocks) > 1 and self.keeps_ahead_block(verdict)
         self.num_verdicts += 1
-        self.accepted_weight = self.accepted_weight * AHEAD_DECAY + verdict.accepted_len
-        self.rejected_weight = self.rejected_weight * AHEAD_DECAY + (verdict.accepted_len < len(block.token_ids))
+        self.acceptance.record(len(block.token_ids), verdict.accepted_len)
         self.open_blocks.popleft()
         if not ahead_stands:
             # Whatever was drafted past the verdict (a rejected tail, a block drafted ahead) is stale.
@@ -152,10 +151,6 @@ class DraftSession:
         self.check_block_size("verdict.num_speculative_tokens", verdict.num_speculative_tokens, allow_zero=True)
         return ahead_stands
 
-    @property
-    def acceptance_estimate(self) -> float:
-        return self.accepted_weight / (self.accepted_weight + self.rejected_weight)
-
     def drafting_ahead_pays(self) -> bool:
         """Whether to draft the next block ahead of the newest open block's verdict. It is used when that
         block is accepted whole and the guess of the target's next token holds, and then saves a round's drafting;
@@ -166,8 +161,7 @@ class DraftSession:
             return False
         if self.num_verdicts == 0:
             return True
-        open_block_size = len(self.open_blocks[-1].token_ids)
-        return chance_drafted_ahead_stands(self.acceptance_estimate, open_block_size) >= DRAFT_AHEAD_MIN_CHANCE
+        return draft_ahead_pays(self.acceptance.value, len(self.open_blocks[-1].token_ids))
 
     def check_block_size(self, field: str, num_tokens: int, allow_zero: bool) -> None:
         low = 0 if allow_zero else 1

@@ -104,7 +104,32 @@ def goodput_by_block_size(acceptance_rate: float, max_tokens: int, round_ns) -> 
     return [expected_tokens_per_round(acceptance_rate, k) / round_ns(k) for k in range(max_tokens + 1)]
 
 
-# The draft drafts a block ahead when the chance that it is used is at least this (draft_server.engine); the goodput
+@dataclass
+class DecayedAcceptance:
+    """Per-token acceptance alpha of a session's recent blocks: accepted draft tokens over accepted ones plus
+    rejections (one per block not accepted whole: the maximum-likelihood alpha), each block's weight decaying by
+    `decay` per later block. The goodput schedule (target_server.block_size) and the draft's choice to draft ahead
+    (draft_server.engine) each keep one."""
+
+    accepted: float  # weights, from a prior and decayed blocks
+    rejected: float
+    decay: float
+
+    @classmethod
+    def from_prior(cls, acceptance: float, weight: float, decay: float) -> "DecayedAcceptance":
+        """Starting at `acceptance`, worth `weight` tokens."""
+        return cls(acceptance * weight, (1 - acceptance) * weight, decay)
+
+    def record(self, num_draft_tokens: int, accepted_len: int) -> None:
+        self.accepted = self.accepted * self.decay + accepted_len
+        self.rejected = self.rejected * self.decay + (accepted_len < num_draft_tokens)
+
+    @property
+    def value(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+
+# The draft drafts a block ahead when the chance that it is used is at least this (draft_ahead_pays); the goodput
 # schedule (target_server.block_size) counts on blocks drafted ahead only then.
 DRAFT_AHEAD_MIN_CHANCE = 0.2
 
@@ -116,6 +141,11 @@ def chance_drafted_ahead_stands(acceptance_rate: float, k: int) -> float:
     if not 0 <= acceptance_rate <= 1:
         raise ValueError(f"acceptance_rate must be in [0, 1], got {acceptance_rate}")
     return acceptance_rate ** (k + 1)
+
+
+def draft_ahead_pays(acceptance_rate: float, k: int) -> bool:
+    """Whether the draft drafts a block ahead of the verdict on a block of k: when it is likely enough to be used."""
+    return chance_drafted_ahead_stands(acceptance_rate, k) >= DRAFT_AHEAD_MIN_CHANCE
 
 
 def expected_round_ns(verify_ns: float, overhead_ns: float, draft_ns: float, drafted_ahead_chance: float) -> float:

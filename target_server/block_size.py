@@ -18,8 +18,8 @@ import time
 import torch
 
 from splitspec.kv_cache import Runner
-from splitspec.speculative import (DRAFT_AHEAD_MIN_CHANCE, chance_drafted_ahead_stands, expected_round_ns,
-                                   goodput_by_block_size)
+from splitspec.speculative import (DecayedAcceptance, chance_drafted_ahead_stands, draft_ahead_pays,
+                                   expected_round_ns, goodput_by_block_size)
 
 
 SCHEDULES = ("constant", "heuristic", "goodput")
@@ -199,8 +199,7 @@ class GoodputSizer:
         self.prior = prior or GoodputPrior()
         # The prior weighs more once it is the mean of more sessions (up to 4 x PRIOR_WEIGHT).
         weight = self.PRIOR_WEIGHT * (1 + min(self.prior.sessions, 3))
-        self.accepted = self.prior.acceptance * weight
-        self.rejected = (1 - self.prior.acceptance) * weight
+        self.estimate = DecayedAcceptance.from_prior(self.prior.acceptance, weight, self.DECAY)
         self.verify_scale = self.prior.verify_scale
         self.plain_scale = self.prior.plain_scale
         self.draft_ns_per_token = self.prior.draft_ns_per_token
@@ -222,7 +221,7 @@ class GoodputSizer:
 
     @property
     def acceptance(self) -> float:
-        return self.accepted / (self.accepted + self.rejected)
+        return self.estimate.value
 
     def record(self, num_draft_tokens: int, accepted_len: int, verify_ns: int = 0,
                draft_ns_per_token: float = 0.0) -> None:
@@ -230,8 +229,7 @@ class GoodputSizer:
         neither includes a prefill, so even a session's first block counts."""
         if not num_draft_tokens:
             return
-        self.accepted = self.accepted * self.DECAY + accepted_len
-        self.rejected = self.rejected * self.DECAY + (accepted_len < num_draft_tokens)
+        self.estimate.record(num_draft_tokens, accepted_len)
         self.blocks_left_in_probe = max(0, self.blocks_left_in_probe - 1)
         self.blocks_since_on += 1
         self.num_blocks += 1
@@ -272,10 +270,12 @@ class GoodputSizer:
             scale = self.verify_scale if self.plain_scale is None else self.plain_scale
             return scale * self.profile.ns(1) + self.plain_overhead_ns
         verify_ns = self.verify_scale * self.profile.ns(k + 1)
-        chance = chance_drafted_ahead_stands(self.acceptance, k) if self.draft_ahead else 0.0
+        # With the chance the draft drafts at: it drafts ahead only where draft_ahead_pays.
+        drafts_ahead = self.draft_ahead and draft_ahead_pays(self.acceptance, k)
+        chance = chance_drafted_ahead_stands(self.acceptance, k) if drafts_ahead else 0.0
         # Before a round is timed, no overhead: the first plan errs towards speculating.
         return max(verify_ns, expected_round_ns(verify_ns, self.overhead_ns or 0.0, k * self.draft_ns_per_token,
-                                                chance if chance >= DRAFT_AHEAD_MIN_CHANCE else 0.0))
+                                                chance))
 
     def next_size(self, tokens_left: int, load_cap: int) -> int:
         """The next block's size; one decision per verdict (or target-only round), however often it is asked."""
@@ -304,8 +304,7 @@ class GoodputSizer:
                 return 0
             self.speculating, self.blocks_left_in_probe, self.blocks_since_on = True, self.PROBE_BLOCKS, 0
             # The probe's blocks should count: the acceptance so far keeps its mean and the prior's weight only.
-            acceptance = self.acceptance
-            self.accepted, self.rejected = acceptance * self.PRIOR_WEIGHT, (1 - acceptance) * self.PRIOR_WEIGHT
+            self.estimate = DecayedAcceptance.from_prior(self.acceptance, self.PRIOR_WEIGHT, self.DECAY)
             return best_k
         judging = self.blocks_left_in_probe == 0 or self.num_blocks == 0  # a new session: on the prior alone
         if judging and goodputs[best_k] < self.SWITCH_OFF_MARGIN * goodputs[0]:

@@ -254,7 +254,7 @@ def test_goodput_sizes_a_sessions_first_block_from_the_sessions_before():
     assert prior.acceptance == pytest.approx(0.9 - 0.7 * (0.9 - (first.acceptance + 2 * 0.9) / 3) * 0.7)
     # A prior from more sessions weighs more against a new session's first blocks (up to 4 x PRIOR_WEIGHT tokens).
     fifth = GoodputSizer(4, CPU_LIKE, prior)
-    assert fifth.accepted + fifth.rejected == pytest.approx(4 * GoodputSizer.PRIOR_WEIGHT)
+    assert fifth.estimate.accepted + fifth.estimate.rejected == pytest.approx(4 * GoodputSizer.PRIOR_WEIGHT)
     assert fifth.acceptance == pytest.approx(prior.acceptance)
     prior.acceptance = 0.05  # where sessions found the draft useless, a new one starts on the target alone
     assert GoodputSizer(4, CPU_LIKE, prior).next_size(100, 4) == 0

@@ -145,4 +145,4 @@ def test_the_draft_drafts_ahead_while_its_blocks_are_accepted_and_stops_when_the
     assert [round_with(0) for _ in range(3)][-1] is False  # rejections at the first token switch it off...
     assert [round_with(4) for _ in range(6)][-1] is True  # ...and whole blocks accepted switch it on again
     assert round_with(3)  # one rejection late in a block does not
-    assert 0.7 < session.acceptance_estimate < 1
+    assert 0.7 < session.acceptance.value < 1

@@ -43,10 +43,10 @@ SERVERS = {  # name: extra target flags
 
 
 def start_target(model_dir: str, draft_address: str, cpus: list[int], log_dir: pathlib.Path, name: str,
-                 device: str = "cpu", dtype: str = "auto"):
-    """launch.start_target's server, with the mode's flags."""
+                 device: str = "cpu", dtype: str = "auto", log_name: str | None = None):
+    """launch.start_target's server, with the mode's flags (its log: target-NAME.log unless `log_name`)."""
     return launch.start_target(model_dir, draft_address, cpus, log_dir, device=device, dtype=dtype,
-                               extra_args=tuple(SERVERS[name]), name=f"target-{name}")
+                               extra_args=tuple(SERVERS[name]), name=log_name or f"target-{name}")
 
 
 def run_modes(pair, draft_address: str, target_cpus: list[int], log_dir: pathlib.Path, prompts: list[list[int]],
@@ -122,9 +122,8 @@ def run_deep_draft(pairs: dict, draft_cpus: list[int], target_cpus: list[int], l
             servers, clients = {}, {}
             try:
                 launch.start_together({name: functools.partial(
-                    launch.start_target, pair.target_dir, draft.address, target_cpus, log_dir, device=device,
-                    dtype=dtype, extra_args=tuple(SERVERS[name]), name=f"target-deep-{acceptance:.2f}-{name}")
-                    for name in ("pipelined", "sequential")}, servers)
+                    start_target, pair.target_dir, draft.address, target_cpus, log_dir, name, device, dtype,
+                    log_name=f"target-deep-{acceptance:.2f}-{name}") for name in ("pipelined", "sequential")}, servers)
                 for name, server in servers.items():
                     clients[name] = Client(server.address, timeout=600)
                     runs.run_splitspec(clients[name], prompts[:1], 4, ks[0])  # warm-up
