@@ -12,6 +12,14 @@ verification math; the choice of a draft token), which may update the session's 
 `Continue(row, finish)` to feed the sequence again: the job stays on the worker and joins the next batch without a
 trip through the event loop (the draft's k steps of one block). A session has at most one job in flight.
 
+Regrouping (`regroup_fraction`, the target's): the event loop takes a batch's results one session after another,
+so its sessions hand over their next forwards one after another too. Were the worker to start at the first one back,
+it would run it alone and the rest would form a second, smaller batch; and since a forward of few rows costs nearly
+what one of many does (weights are read once per forward), two batches cost nearly twice one. So after a forward the
+worker waits, at most `regroup_fraction` of that forward's time, for the sessions it served to come back, except
+those that said they wait for something else first (`away`: a target session waiting for its draft block) and
+those released.
+
 The worker thread owns the queue and the scheduling; the event loop only hands jobs over and receives results.
 """
 
@@ -56,11 +64,16 @@ class _Job:
 
 class ForwardBatcher:
     def __init__(self, runner, max_batch_size: int, max_batch_tokens: int,
-                 on_batch: Callable[[int, int], None] | None = None, thread_name: str = "model"):
+                 on_batch: Callable[[int, int], None] | None = None, thread_name: str = "model",
+                 regroup_fraction: float = 0.0):
         """`runner`: a kv_pool.BatchedCausalLMRunner, or a kv_cache.CausalLMRunner (rows one after another).
-        `on_batch(rows, tokens)` is told each forward's size (on the worker thread)."""
+        `on_batch(rows, tokens)` is told each forward's size (on the worker thread). `regroup_fraction`: how long,
+        as a fraction of the forward just run, the worker may wait for that forward's sessions to come back (see
+        the module's docstring); 0 never waits."""
         if max_batch_size < 1 or max_batch_tokens < 1:
             raise ValueError("max_batch_size and max_batch_tokens must be positive")
+        if not 0 <= regroup_fraction <= 1:
+            raise ValueError("regroup_fraction must be in [0, 1]")
         self.runner = runner
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
@@ -72,6 +85,11 @@ class ForwardBatcher:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.regroup_fraction = regroup_fraction
+        # Sessions (by id) of the last forward that the worker may still wait for, and until when (perf_counter_ns).
+        # Written by the worker, shrunk by event loops (`away`) under the lock.
+        self._returning: dict[int, Any] = {}
+        self._regroup_until_ns = 0
 
     async def run(self, row: ForwardRow, finish: Callable[[torch.Tensor], Any] | None = None) -> tuple[Any, int, int]:
         """Run `row` in the next batch that takes it (and the rows its `finish` continues with); returns what the
@@ -87,6 +105,14 @@ class ForwardBatcher:
                 self._thread.start()
         self._work.set()
         return await job.future
+
+    def away(self, sequence) -> None:
+        """The sequence waits for something else (its draft block) before its next forward: the worker need not
+        wait for it to regroup a batch."""
+        if self._returning:
+            with self._lock:
+                self._returning.pop(id(sequence), None)
+            self._work.set()
 
     def release(self, sequence) -> None:
         """The sequence runs no more forwards: give its cache back, and wake the worker, which frees the runner's
@@ -124,10 +150,15 @@ class ForwardBatcher:
                     future = queue.popleft().future
                     self._settle_threadsafe(future, future.cancel)
 
+    def _take_handed_over(self) -> None:
+        while self._handed_over:
+            self._queue.append(self._handed_over.popleft())
+
     def _serve_until_stopped(self) -> None:
         while not self._stopping:
-            while self._handed_over:
-                self._queue.append(self._handed_over.popleft())
+            self._take_handed_over()
+            if self._queue and self._returning:
+                self._regroup()
             batch = self.take_batch()
             if not batch:
                 # No forward runs now: the one moment the runner may free its memory.
@@ -142,12 +173,36 @@ class ForwardBatcher:
                 for job in batch:
                     self._deliver(job, None, exc, len(batch))
 
+    def _regroup(self) -> None:
+        """Wait until every session of the last forward is back in the queue, away or released, or until the
+        regrouping time is up."""
+        while True:
+            queued = {id(job.row.sequence) for job in self._queue}
+            with self._lock:
+                self._returning = {key: sequence for key, sequence in self._returning.items()
+                                   if key not in queued and not sequence.released}
+                left_ns = self._regroup_until_ns - time.perf_counter_ns()
+                if not self._returning or left_ns <= 0 or self._stopping:
+                    self._returning = {}
+                    return
+            self._work.clear()
+            if not self._handed_over:
+                self._work.wait(left_ns / 1e9)
+            self._take_handed_over()
+
     def _run_batch(self, batch: list[_Job]) -> None:
         started = time.perf_counter_ns()
         outcomes = self._step(batch)
-        elapsed = time.perf_counter_ns() - started
+        finished = time.perf_counter_ns()
+        elapsed = finished - started
         num_tokens = sum(len(job.row.token_ids) for job in batch)
         continuing = []
+        if self.regroup_fraction:
+            # Before any result goes out, so that none comes back before it is waited for.
+            with self._lock:
+                self._returning = {id(job.row.sequence): job.row.sequence for job, (result, _) in zip(batch, outcomes)
+                                   if not isinstance(result, Continue)}
+                self._regroup_until_ns = finished + int(self.regroup_fraction * elapsed)
         for job, (result, error) in zip(batch, outcomes):
             job.forward_ns += elapsed
             if isinstance(result, Continue):

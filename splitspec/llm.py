@@ -259,7 +259,8 @@ class LLM:
                                       defaults.get_default("draft_timeout"),
                                       num_speculative_tokens_schedule=schedule, verify_profile=verify_profile,
                                       max_batch_size=defaults.get_default("max_num_seqs"),
-                                      max_batch_tokens=defaults.get_default("max_num_batched_tokens"))
+                                      max_batch_tokens=defaults.get_default("max_num_batched_tokens"),
+                                      batch_regroup_fraction=defaults.get_default("batch_regroup_fraction"))
         self._limits = Limits(vocab_size=vocabulary.vocab_size, max_context_tokens=models.max_context_tokens(target),
                               num_speculative_tokens=k, max_num_speculative_tokens=k)
 

@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--speculation-backoff-running", type=int, default=0,
                         help="Back off under load: half-size blocks above half this many running requests, no "
                              "speculation above it. 0: never back off.")
+    parser.add_argument("--batch-regroup-fraction", type=float, default=0.1,
+                        help="After a forward pass, wait up to this fraction of its time for its sessions to hand "
+                             "over their next forward, so that they share one batch again (not for sessions waiting "
+                             "on their draft block). 0: start each forward with whoever is ready.")
     parser.add_argument("--draft-timeout", type=float, default=10.0,
                         help="Seconds to wait for a draft block before the session falls back to target-only.")
     parser.add_argument("--draft-probe-interval", type=float, default=2.0,
@@ -89,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if problem := batching_flags_problem(args):
         print(f"splitspec-target: error: {problem}", file=sys.stderr)
+        return 2
+    if not 0 <= args.batch_regroup_fraction <= 1:
+        print("splitspec-target: error: --batch-regroup-fraction must be in [0, 1]", file=sys.stderr)
         return 2
     if not 0 <= args.num_speculative_tokens <= args.max_num_speculative_tokens:
         print("splitspec-target: error: --num-speculative-tokens must be in [0, --max-num-speculative-tokens]",
@@ -151,7 +158,8 @@ async def _serve(args, device, dtype) -> int:
                           num_speculative_tokens_schedule=args.num_speculative_tokens_schedule,
                           verify_profile=verify_profile,
                           speculation_backoff_running=args.speculation_backoff_running,
-                          max_batch_size=args.max_num_seqs, max_batch_tokens=args.max_num_batched_tokens)
+                          max_batch_size=args.max_num_seqs, max_batch_tokens=args.max_num_batched_tokens,
+                          batch_regroup_fraction=args.batch_regroup_fraction)
     engine.metrics.num_requests_running.set_function(lambda: engine.admission.running)
     engine.metrics.num_requests_waiting.set_function(lambda: engine.admission.waiting)
     limits = Limits(

@@ -124,7 +124,8 @@ class TargetEngine:
                  pool: DraftPool, draft_timeout_s: float, max_draft_reopens: int = 2,
                  admission: Admission | None = None, metrics: TargetMetrics | None = None, draft_ahead: bool = True,
                  num_speculative_tokens_schedule: str = "constant", verify_profile: VerifyProfile | None = None,
-                 speculation_backoff_running: int = 0, max_batch_size: int = 64, max_batch_tokens: int = 4096):
+                 speculation_backoff_running: int = 0, max_batch_size: int = 64, max_batch_tokens: int = 4096,
+                 batch_regroup_fraction: float = 0.0):
         self.runner = runner
         self.tokenizer = tokenizer
         self.vocabulary = vocabulary
@@ -142,7 +143,7 @@ class TargetEngine:
         self.speculation_backoff_running = speculation_backoff_running
         # One model worker; the forwards that sessions wait on at once run as one batch (if the runner can batch).
         self.batcher = ForwardBatcher(runner, max_batch_size, max_batch_tokens, self.metrics.batches.record_batch,
-                                      thread_name="target-model")
+                                      thread_name="target-model", regroup_fraction=batch_regroup_fraction)
         self.metrics.batches.watch(runner)
 
     @property
@@ -177,8 +178,10 @@ class TargetEngine:
             round_started = time.perf_counter_ns()
             while finish_reason is None:
                 waited_from = time.perf_counter_ns()
-                block = await speculation.next_block(sequence.token_ids,
-                                                     self._next_block_size(request, sizer, len(generated)))
+                num_tokens = self._next_block_size(request, sizer, len(generated))
+                if speculation.waits_for_draft(num_tokens):
+                    self.batcher.away(sequence)  # the model worker need not hold a batch back for this session
+                block = await speculation.next_block(sequence.token_ids, num_tokens)
                 draft_wait_ns = time.perf_counter_ns() - waited_from
                 stats.draft_wait_ns += draft_wait_ns
                 verification, verify_ns, batch_size = await self.batcher.run(

@@ -88,6 +88,10 @@ class Speculation:
             self._give_up(f"{reason} (no more draft sessions for this request)")
         self.reopens_left -= 1
 
+    def waits_for_draft(self, num_tokens: int) -> bool:
+        """Whether `next_block(..., num_tokens)` will wait on a draft server (not answer None at once)."""
+        return num_tokens > 0 and not self.gave_up
+
     async def next_block(self, token_ids: list[int], num_tokens: int) -> CandidateBlock | None:
         """The block continuing the sequence `token_ids`, at most `num_tokens` long, or None: decode this step on the
         target alone. Blocks drafted ahead on a wrong guess (another start or preceding token) are skipped.
@@ -95,7 +99,7 @@ class Speculation:
         (it is drafting a block no verdict will answer); asked for some again, a new one opens."""
         if num_tokens == 0 and self.link is not None:
             await self.close(cancel=True)
-        while num_tokens > 0 and not self.gave_up:
+        while self.waits_for_draft(num_tokens):
             if self.link is None:
                 await self.open(token_ids, num_tokens)
                 if self.link is None:

@@ -18,6 +18,7 @@ from splitspec.batcher import Continue, ForwardBatcher, _Job
 from splitspec.kv_cache import CausalLMRunner, ForwardRow
 from splitspec.kv_pool import BatchedCausalLMRunner, KVPool, batching_problem, runner_for
 from splitspec.sampling import SamplingParams
+from target_server import cli as target_cli
 from target_server.draft_pool import DraftPool
 from target_server.engine import TargetEngine
 from target_server.request import GenerationRequest
@@ -124,6 +125,9 @@ def test_models_that_cannot_take_a_4d_mask_fall_back_to_one_cache_per_sequence()
 class _Sequence:
     released = False
 
+    def release(self):
+        self.released = True
+
 
 def _queue_jobs(batcher: ForwardBatcher, loop, lengths: list[int]) -> list[asyncio.Future]:
     """Jobs waiting in the batcher's queue, feeding `lengths` tokens each; their futures."""
@@ -171,7 +175,7 @@ def test_concurrent_sessions_batch_and_decode_as_alone_and_cancelled_ones_free_t
     async def scenario():
         pool = DraftPool([], vocabulary)
         await pool.start()
-        engine = TargetEngine(runner, tokenizer, vocabulary, pool, draft_timeout_s=10)
+        engine = TargetEngine(runner, tokenizer, vocabulary, pool, draft_timeout_s=10, batch_regroup_fraction=0.1)
 
         async def generate(prompt):
             request = GenerationRequest(str(uuid.uuid4()), tokenizer.encode(prompt), SamplingParams(), 32, (), True, 0)
@@ -310,3 +314,66 @@ def test_the_model_worker_survives_failures_and_continues_jobs_on_its_thread():
 
     asyncio.run(scenario())
     assert [4, 10] in runner.batches and [5] in runner.batches
+
+
+class _TimedRunner(_ScriptedRunner):
+    """A scripted runner whose forward takes `forward_s`."""
+
+    def __init__(self, forward_s: float):
+        super().__init__()
+        self.forward_s = forward_s
+
+    def forward_batch(self, rows):
+        time.sleep(self.forward_s)
+        return super().forward_batch(rows)
+
+
+def _two_sessions(regroup_fraction: float, late_session: str) -> list[list[int]]:
+    """Two sessions of three forwards each, started together; after each result session 1 hands over its next
+    forward at once and session 2 50 ms later, having said it is `away` meanwhile when `late_session` is "away",
+    and finishing after one forward when it is "released". The rows of each forward, by session."""
+    runner = _TimedRunner(forward_s=0.2)
+    batcher = ForwardBatcher(runner, max_batch_size=8, max_batch_tokens=64, regroup_fraction=regroup_fraction)
+
+    async def session(token: int, delay_s: float, laps: int):
+        sequence = _Sequence()
+        for _ in range(laps):
+            await batcher.run(ForwardRow(sequence, [token], 1))
+            if token == 2 and late_session == "away":
+                batcher.away(sequence)
+            await asyncio.sleep(delay_s)  # its share of the event loop's bookkeeping
+        batcher.release(sequence)
+
+    async def scenario():
+        await batcher.run(ForwardRow(_Sequence(), [0], 1))  # the worker thread is up and idle
+        runner.batches.clear()
+        await asyncio.gather(session(1, 0.0, 3), session(2, 0.05, 1 if late_session == "released" else 3))
+        batcher.shutdown()
+
+    asyncio.run(scenario())
+    return runner.batches
+
+
+def test_the_worker_waits_for_a_forwards_sessions_to_come_back_and_batches_them_together_again():
+    # Waiting up to half a forward (100 ms) for session 2, 50 ms late: every forward carries both sessions.
+    assert [sorted(rows) for rows in _two_sessions(0.5, "")] == [[1, 2]] * 3
+    # Without regrouping, session 1 goes alone while session 2 is late, and the sessions drift apart.
+    batches = _two_sessions(0.0, "")
+    assert batches[0] == [1, 2] and [1] in batches and len(batches) > 3
+
+
+def test_the_worker_does_not_wait_for_sessions_that_are_away_or_released():
+    # Session 2 says it waits for something else (as a target session does for its draft block): not waited for.
+    batches = _two_sessions(0.5, "away")
+    assert batches[0] == [1, 2] and [1] in batches and len(batches) > 3
+    # Session 2 finishes after its first forward: session 1 runs on alone at once.
+    runner_batches = _two_sessions(0.5, "released")
+    assert runner_batches == [[1, 2], [1], [1]]
+
+
+def test_regroup_fraction_is_checked(capsys):
+    with pytest.raises(ValueError, match="regroup_fraction"):
+        ForwardBatcher(runner=None, max_batch_size=8, max_batch_tokens=64, regroup_fraction=1.5)
+    # The server's flag: a usage error, before any model is loaded.
+    assert target_cli.main(["--model", "/nonexistent", "--batch-regroup-fraction", "-0.1"]) == 2
+    assert "--batch-regroup-fraction must be in [0, 1]" in capsys.readouterr().err
