@@ -239,6 +239,7 @@ def test_stream_yields_chunks_in_order_with_stats_on_the_last(client):
     assert (timing.round_ns, timing.batch_size, timing.drafted_ahead) == (9_000_000, 3, False)
     assert timing.overhead_ns == 9_000_000 - 4_200_000 - 3_500_000
     assert dataclasses.replace(timing, drafted_ahead=True).overhead_ns == 9_000_000 - 4_200_000
+    assert timing.target_overhead_ns == 9_000_000 - 4_200_000 - timing.draft_wait_ns
     assert chunks[0].round_timing is None
 
 

@@ -186,6 +186,7 @@ def test_bench_quick_runs_end_to_end_and_writes_its_fields(models_dir, tmp_path)
     for row in modes["pipelining"]:
         assert row["num_drafts"] > 0 and row["sequential_drafted_ahead"] == 0, row
         assert row["sequential_overhead_p50_ms"] > 0, row  # every sequential round waits for its whole block
+        assert row["sequential_target_overhead_p50_ms"] > 0 and row["pipelined_target_overhead_p50_ms"] > 0, row
     for row in modes["concurrency"]:
         assert 1 <= row["mean_batch_size"] <= row["streams"], row
     assert 0 < results["grpc_rtt"]["p50_ms"] <= results["grpc_rtt"]["p95_ms"]

@@ -236,3 +236,5 @@ def test_stream_chunks_say_where_each_round_spent_its_time(target_related, refer
         assert timing.block_draft_ns > 0 and timing.batch_size == 1
     # A block drafted after the previous verdict is waited for whole: the round holds its drafting.
     assert all(t.overhead_ns >= 0 for t in timings[1:] if not t.drafted_ahead)
+    # The target's own part: a round is its wait for the block, its forward, and the target's own work in between.
+    assert all(0 < t.target_overhead_ns < t.round_ns - t.verify_ns for t in timings[1:])

@@ -114,6 +114,13 @@ class RoundTiming:
         the target prefilled."""
         return self.round_ns - self.verify_ns - self.waited_draft_ns
 
+    @property
+    def target_overhead_ns(self) -> int:
+        """The target's own part of the overhead: the round's time outside its verify forward and its wait for the
+        block (its event loop, its gRPC reads and writes, the hand-overs to its model worker, the bookkeeping before
+        the verdict). For a block drafted ahead that was already there, all the round's overhead."""
+        return self.round_ns - self.verify_ns - self.draft_wait_ns
+
     @classmethod
     def from_pb(cls, pb: target_pb2.RoundTiming) -> RoundTiming:
         return _from_pb(cls, pb)

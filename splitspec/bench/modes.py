@@ -159,6 +159,10 @@ def deep_draft_row(acceptance: float, pair, k: int, pipelined: runs.Run, sequent
             **pipelining_row(k, pipelined, sequential, baseline)}
 
 
+def _p50_ms(values_ns: list[int]) -> float:
+    return round(statistics.median(values_ns) / 1e6, 3) if values_ns else 0.0
+
+
 def _drafted_ahead(run: runs.Run) -> float:
     return round(run.num_drafts_ahead / max(1, run.num_drafts), 3)
 
@@ -182,6 +186,9 @@ def pipelining_row(k: int, pipelined: runs.Run, sequential: runs.Run, baseline: 
         "sequential_overhead_p50_ms": sequential_rounds["overhead_p50_ms"],
         "sequential_overhead_p95_ms": sequential_rounds["overhead_p95_ms"],
         "pipelined_overhead_p50_ms": report.round_breakdown(pipelined)["overhead_p50_ms"],
+        # The target's own part (neither verifying nor waiting for a block), exact in both modes.
+        "pipelined_target_overhead_p50_ms": _p50_ms(pipelined.round_target_overhead_ns),
+        "sequential_target_overhead_p50_ms": _p50_ms(sequential.round_target_overhead_ns),
         "same_tokens_as_baseline": pipelined.token_ids == sequential.token_ids == baseline.token_ids,
         "fallbacks": len(pipelined.fallback_reasons) + len(sequential.fallback_reasons),
     }
@@ -277,27 +284,28 @@ def table(modes: dict) -> str:
     config = modes["config"]
     lines = [f"modes at alpha knob {config['acceptance_knob']:.2f}, {config['prompts']} prompt(s) x "
              f"{config['max_new_tokens']} tokens; target-only {modes['target_only_tokens_per_s']:.1f} tok/s", "",
-             "| mode | k | tok/s | speedup | ratio | blocks drafted ahead | mean block | overhead p50 ms/round |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| mode | k | tok/s | speedup | ratio | blocks drafted ahead | mean block | overhead p50 ms/round | "
+             "target's own p50 ms/round |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in modes["pipelining"]:
         lines.append(f"| pipelined (--draft-ahead) | {row['k']} | {row['pipelined_tokens_per_s']:.1f} | "
                      f"{row['pipelined_speedup']:.2f}x | {row['pipelined_over_sequential']:.2f}x sequential | "
                      f"{row['drafted_ahead']:.0%} ({row['num_drafts_ahead']}/{row['num_drafts']}) | - | "
-                     f"<= {row['pipelined_overhead_p50_ms']:.2f} |")
+                     f"<= {row['pipelined_overhead_p50_ms']:.2f} | {row['pipelined_target_overhead_p50_ms']:.2f} |")
         lines.append(f"| sequential (--no-draft-ahead) | {row['k']} | {row['sequential_tokens_per_s']:.1f} | "
                      f"{row['sequential_speedup']:.2f}x | 1.00x | {row['sequential_drafted_ahead']:.0%} | - | "
-                     f"{row['sequential_overhead_p50_ms']:.2f} |")
+                     f"{row['sequential_overhead_p50_ms']:.2f} | {row['sequential_target_overhead_p50_ms']:.2f} |")
     for name in ("adaptive", "goodput"):
         row = modes[name]
         schedule = "heuristic" if name == "adaptive" else name
         lines.append(f"| {schedule} schedule | <= {row['k']} | {row['adaptive_tokens_per_s']:.1f} | "
                      f"{row['adaptive_speedup']:.2f}x | {row['adaptive_over_fixed']:.2f}x fixed | "
                      f"{row['adaptive_drafted_ahead']:.0%} | {row['adaptive_mean_block']:.1f} in "
-                     f"{row['adaptive_rounds_with_block']:.0%} of rounds | - |")
+                     f"{row['adaptive_rounds_with_block']:.0%} of rounds | - | - |")
     row = modes["adaptive"]  # the constant schedule both were compared with (one run)
     lines.append(f"| constant schedule (fixed k) | {row['k']} | {row['fixed_tokens_per_s']:.1f} | "
                  f"{row['fixed_speedup']:.2f}x | 1.00x | "
-                 f"- | {row['fixed_mean_block']:.1f} | - |")
+                 f"- | {row['fixed_mean_block']:.1f} | - | - |")
     if "deep_draft" in modes:
         lines += ["", deep_draft_table(modes["deep_draft"])]
     lines += ["", f"concurrent streams, {config['stream_tokens']} tokens each, k={config['k']}, draft-ahead on:", "",

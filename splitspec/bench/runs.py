@@ -46,6 +46,7 @@ class Run:
     round_verify_ns: list[int] = dataclasses.field(default_factory=list)
     round_waited_draft_ns: list[int] = dataclasses.field(default_factory=list)
     round_overhead_ns: list[int] = dataclasses.field(default_factory=list)
+    round_target_overhead_ns: list[int] = dataclasses.field(default_factory=list)  # the target's own part of it
     round_batch_sizes: list[int] = dataclasses.field(default_factory=list)
 
     def add_rounds(self, timings) -> None:
@@ -55,6 +56,7 @@ class Run:
             self.round_verify_ns.append(timing.verify_ns)
             self.round_waited_draft_ns.append(timing.waited_draft_ns)
             self.round_overhead_ns.append(timing.overhead_ns)
+            self.round_target_overhead_ns.append(timing.target_overhead_ns)
             self.round_batch_sizes.append(timing.batch_size)
 
     @property
