@@ -175,14 +175,15 @@ class ForwardBatcher:
 
     def _regroup(self) -> None:
         """Wait until every session of the last forward is back in the queue, away or released, or until the
-        regrouping time is up."""
+        regrouping time is up, or the queue holds a full batch."""
         while True:
             queued = {id(job.row.sequence) for job in self._queue}
             with self._lock:
                 self._returning = {key: sequence for key, sequence in self._returning.items()
                                    if key not in queued and not sequence.released}
                 left_ns = self._regroup_until_ns - time.perf_counter_ns()
-                if not self._returning or left_ns <= 0 or self._stopping:
+                if (not self._returning or left_ns <= 0 or self._stopping
+                        or len(self._queue) >= self.max_batch_size):
                     self._returning = {}
                     return
             self._work.clear()

@@ -323,8 +323,12 @@ class _TimedRunner(_ScriptedRunner):
         super().__init__()
         self.forward_s = forward_s
 
+        self.spans: list[tuple[float, float]] = []  # each forward's start and end (time.monotonic)
+
     def forward_batch(self, rows):
+        started = time.monotonic()
         time.sleep(self.forward_s)
+        self.spans.append((started, time.monotonic()))
         return super().forward_batch(rows)
 
 
@@ -369,6 +373,28 @@ def test_the_worker_does_not_wait_for_sessions_that_are_away_or_released():
     # Session 2 finishes after its first forward: session 1 runs on alone at once.
     runner_batches = _two_sessions(0.5, "released")
     assert runner_batches == [[1, 2], [1], [1]]
+
+
+def test_the_worker_does_not_hold_a_full_batch_back():
+    # One row per forward: with a session waiting in the queue, the worker goes on at once, without waiting the
+    # 100 ms session 1 takes to come back (it could wait up to a whole forward).
+    runner = _TimedRunner(forward_s=0.1)
+    batcher = ForwardBatcher(runner, max_batch_size=1, max_batch_tokens=64, regroup_fraction=1.0)
+
+    async def session(token: int):
+        sequence = _Sequence()
+        for _ in range(2):
+            await batcher.run(ForwardRow(sequence, [token], 1))
+            await asyncio.sleep(0.1)
+        batcher.release(sequence)
+
+    async def scenario():
+        await asyncio.gather(session(1), session(2))
+        batcher.shutdown()
+
+    asyncio.run(scenario())
+    (_, first_end), (second_start, _) = runner.spans[:2]
+    assert [len(rows) for rows in runner.batches] == [1, 1, 1, 1] and second_start - first_end < 0.05
 
 
 def test_regroup_fraction_is_checked(capsys):
