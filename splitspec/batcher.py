@@ -65,11 +65,11 @@ class _Job:
 class ForwardBatcher:
     def __init__(self, runner, max_batch_size: int, max_batch_tokens: int,
                  on_batch: Callable[[int, int], None] | None = None, thread_name: str = "model",
-                 regroup_fraction: float = 0.0):
+                 regroup_fraction: float = 0.0, on_regroup: Callable[[float], None] | None = None):
         """`runner`: a kv_pool.BatchedCausalLMRunner, or a kv_cache.CausalLMRunner (rows one after another).
         `on_batch(rows, tokens)` is told each forward's size (on the worker thread). `regroup_fraction`: how long,
         as a fraction of the forward just run, the worker may wait for that forward's sessions to come back (see
-        the module's docstring); 0 never waits."""
+        the module's docstring); 0 never waits. `on_regroup(seconds)` is told each such wait (on the worker thread)."""
         if max_batch_size < 1 or max_batch_tokens < 1:
             raise ValueError("max_batch_size and max_batch_tokens must be positive")
         if not 0 <= regroup_fraction <= 1:
@@ -86,6 +86,7 @@ class ForwardBatcher:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.regroup_fraction = regroup_fraction
+        self.on_regroup = on_regroup
         # Sessions (by id) of the last forward that the worker may still wait for, and until when (perf_counter_ns).
         # Written by the worker, shrunk by event loops (`away`) under the lock.
         self._returning: dict[int, Any] = {}
@@ -176,6 +177,7 @@ class ForwardBatcher:
     def _regroup(self) -> None:
         """Wait until every session of the last forward is back in the queue, away or released, or until the
         regrouping time is up, or the queue holds a full batch."""
+        started = time.perf_counter_ns()
         while True:
             queued = {id(job.row.sequence) for job in self._queue}
             with self._lock:
@@ -185,11 +187,16 @@ class ForwardBatcher:
                 if (not self._returning or left_ns <= 0 or self._stopping
                         or len(self._queue) >= self.max_batch_size):
                     self._returning = {}
-                    return
+                    break
             self._work.clear()
             if not self._handed_over:
                 self._work.wait(left_ns / 1e9)
             self._take_handed_over()
+        if self.on_regroup is not None:  # metrics never fail the worker
+            try:
+                self.on_regroup((time.perf_counter_ns() - started) / 1e9)
+            except Exception:  # noqa: BLE001
+                log.exception("model worker %s: the regroup metrics callback failed", self.thread_name)
 
     def _run_batch(self, batch: list[_Job]) -> None:
         started = time.perf_counter_ns()

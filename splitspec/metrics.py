@@ -39,6 +39,9 @@ class BatchMetrics:
                                       f"Tokens fed per {half} forward pass, padding excluded",
                                       buckets=BATCH_TOKENS_BUCKETS, registry=registry)
 
+        self.regroup_wait = Counter(f"splitspec:{prefix}batch_regroup_wait_seconds",
+                                    f"Time the {half}'s model worker held a forward pass back for the sessions of the "
+                                    f"previous one to return (--batch-regroup-fraction)", registry=registry)
         self.kv_cache_bytes = Gauge(f"splitspec:{prefix}kv_cache_bytes",
                                     f"Bytes the {half}'s KV pool holds (slots x the longest sequence; 0 when idle)",
                                     registry=registry)
@@ -46,6 +49,9 @@ class BatchMetrics:
     def record_batch(self, num_rows: int, num_tokens: int) -> None:
         self.batch_size.observe(num_rows)
         self.batch_tokens.observe(num_tokens)
+
+    def record_regroup_wait(self, seconds: float) -> None:
+        self.regroup_wait.inc(seconds)
 
     def watch(self, runner) -> None:
         """Report `runner`'s KV pool size (a runner without a pool, one cache per session, reports 0)."""

@@ -143,7 +143,8 @@ class TargetEngine:
         self.speculation_backoff_running = speculation_backoff_running
         # One model worker; the forwards that sessions wait on at once run as one batch (if the runner can batch).
         self.batcher = ForwardBatcher(runner, max_batch_size, max_batch_tokens, self.metrics.batches.record_batch,
-                                      thread_name="target-model", regroup_fraction=batch_regroup_fraction)
+                                      thread_name="target-model", regroup_fraction=batch_regroup_fraction,
+                                      on_regroup=self.metrics.batches.record_regroup_wait)
         self.metrics.batches.watch(runner)
 
     @property

@@ -201,6 +201,9 @@ def test_concurrent_sessions_batch_and_decode_as_alone_and_cancelled_ones_free_t
     batch_sizes = engine.metrics.batches.batch_size.collect()[0].samples
     total = {s.name: s.value for s in batch_sizes}
     assert total["splitspec:batch_size_sum"] / total["splitspec:batch_size_count"] > 2
+    # The worker regrouped the sessions of its forwards (batch_regroup_fraction=0.1), and the metric counts it.
+    regroup_wait = engine.metrics.batches.regroup_wait.collect()[0].samples
+    assert {s.name: s.value for s in regroup_wait}["splitspec:batch_regroup_wait_seconds_total"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -324,6 +327,7 @@ class _TimedRunner(_ScriptedRunner):
         self.forward_s = forward_s
 
         self.spans: list[tuple[float, float]] = []  # each forward's start and end (time.monotonic)
+        self.regroup_waits: list[float] = []  # what the batcher reports waiting to regroup, in seconds
 
     def forward_batch(self, rows):
         started = time.monotonic()
@@ -337,7 +341,8 @@ def _two_sessions(regroup_fraction: float, late_session: str) -> list[list[int]]
     forward at once and session 2 50 ms later, having said it is `away` meanwhile when `late_session` is "away",
     and finishing after one forward when it is "released". The rows of each forward, by session."""
     runner = _TimedRunner(forward_s=0.2)
-    batcher = ForwardBatcher(runner, max_batch_size=8, max_batch_tokens=64, regroup_fraction=regroup_fraction)
+    batcher = ForwardBatcher(runner, max_batch_size=8, max_batch_tokens=64, regroup_fraction=regroup_fraction,
+                             on_regroup=runner.regroup_waits.append)
 
     async def session(token: int, delay_s: float, laps: int):
         sequence = _Sequence()
@@ -355,6 +360,10 @@ def _two_sessions(regroup_fraction: float, late_session: str) -> list[list[int]]
         batcher.shutdown()
 
     asyncio.run(scenario())
+    # Each wait is reported, and none outlasts its bound: half a forward.
+    assert all(0 <= seconds <= 0.2 * regroup_fraction + 0.05 for seconds in runner.regroup_waits)
+    if late_session == "" and regroup_fraction:  # session 2's 50 ms were waited for after each of its forwards
+        assert len(runner.regroup_waits) >= 2 and sum(runner.regroup_waits) >= 0.08
     return runner.batches
 
 
