@@ -153,7 +153,7 @@ RUN_FIELDS = {
     "expected_tokens_per_round", "draft_step_cost", "verify_cost", "tokens_per_s", "baseline_tokens_per_s",
     "speedup", "ideal_speedup", "ideal_speedup_overlapped", "measured_over_ideal", "drafted_ahead",
     "same_tokens_as_baseline", "fallbacks", "round_wall_ms", "draft_compute_ms", "verify_compute_ms",
-    "draft_wait_ms", "overhead_ms", "overhead_p50_ms", "overhead_p95_ms",
+    "draft_wait_ms", "overhead_ms", "overhead_p50_ms", "overhead_p95_ms", "target_overhead_p50_ms",
 }
 HF_FIELDS = {"hf_assisted_tokens_per_s", "hf_target_tokens_per_s", "hf_assisted_speedup"}
 

@@ -159,16 +159,12 @@ def deep_draft_row(acceptance: float, pair, k: int, pipelined: runs.Run, sequent
             **pipelining_row(k, pipelined, sequential, baseline)}
 
 
-def _p50_ms(values_ns: list[int]) -> float:
-    return round(statistics.median(values_ns) / 1e6, 3) if values_ns else 0.0
-
-
 def _drafted_ahead(run: runs.Run) -> float:
     return round(run.num_drafts_ahead / max(1, run.num_drafts), 3)
 
 
 def pipelining_row(k: int, pipelined: runs.Run, sequential: runs.Run, baseline: runs.Run) -> dict:
-    sequential_rounds = report.round_breakdown(sequential)
+    sequential_rounds, pipelined_rounds = report.round_breakdown(sequential), report.round_breakdown(pipelined)
     return {
         "k": k,
         "pipelined_tokens_per_s": round(pipelined.tokens_per_s, 2),
@@ -185,10 +181,10 @@ def pipelining_row(k: int, pipelined: runs.Run, sequential: runs.Run, baseline: 
         # Exact there: every block of the sequential run is drafted after the verdict it follows.
         "sequential_overhead_p50_ms": sequential_rounds["overhead_p50_ms"],
         "sequential_overhead_p95_ms": sequential_rounds["overhead_p95_ms"],
-        "pipelined_overhead_p50_ms": report.round_breakdown(pipelined)["overhead_p50_ms"],
+        "pipelined_overhead_p50_ms": pipelined_rounds["overhead_p50_ms"],
         # The target's own part (neither verifying nor waiting for a block), exact in both modes.
-        "pipelined_target_overhead_p50_ms": _p50_ms(pipelined.round_target_overhead_ns),
-        "sequential_target_overhead_p50_ms": _p50_ms(sequential.round_target_overhead_ns),
+        "pipelined_target_overhead_p50_ms": pipelined_rounds["target_overhead_p50_ms"],
+        "sequential_target_overhead_p50_ms": sequential_rounds["target_overhead_p50_ms"],
         "same_tokens_as_baseline": pipelined.token_ids == sequential.token_ids == baseline.token_ids,
         "fallbacks": len(pipelined.fallback_reasons) + len(sequential.fallback_reasons),
     }

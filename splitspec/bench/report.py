@@ -24,7 +24,7 @@ def _ms(ns: float) -> float:
 
 
 def round_breakdown(run: Run) -> dict:
-    """Where a round's time goes, in ms: means, and the overhead's p50/p95."""
+    """Where a round's time goes, in ms: means, the overhead's p50/p95, and the p50 of the target's own part of it."""
     overhead = np.array(run.round_overhead_ns, dtype=float)
     return {
         "round_wall_ms": _ms(np.mean(run.round_ns)),
@@ -34,6 +34,7 @@ def round_breakdown(run: Run) -> dict:
         "overhead_ms": _ms(overhead.mean()),
         "overhead_p50_ms": _ms(np.percentile(overhead, 50)),
         "overhead_p95_ms": _ms(np.percentile(overhead, 95)),
+        "target_overhead_p50_ms": _ms(np.percentile(run.round_target_overhead_ns, 50)),
     }
 
 
