@@ -125,9 +125,15 @@ class DraftSession:
         if block is None or verdict.block_index != block.block_index:
             expected = "none (no block is open)" if block is None else str(block.block_index)
             raise FailedPrecondition(f"verdict for block {verdict.block_index}, but the open block is {expected}")
-        if verdict.accepted_len > len(block.token_ids):
+        num_verified = verdict.num_verified_tokens or len(block.token_ids)
+        if not 1 <= num_verified <= len(block.token_ids):
             raise InvalidArgument(
-                "verdict.accepted_len", f"{verdict.accepted_len} exceeds the block's {len(block.token_ids)} tokens"
+                "verdict.num_verified_tokens", f"must be in [1, {len(block.token_ids)}] (the block's tokens), "
+                f"got {num_verified}"
+            )
+        if verdict.accepted_len > num_verified:
+            raise InvalidArgument(
+                "verdict.accepted_len", f"{verdict.accepted_len} exceeds the {num_verified} tokens verified"
             )
         if verdict.rollback_to != block.start_position + verdict.accepted_len:
             raise InvalidArgument(
@@ -139,7 +145,8 @@ class DraftSession:
             raise InvalidArgument("verdict.next_token_id", f"must be in [0, {vocab_size}), got {verdict.next_token_id}")
         ahead_stands = len(self.open_blocks) > 1 and self.keeps_ahead_block(verdict)
         self.num_verdicts += 1
-        self.acceptance.record(len(block.token_ids), verdict.accepted_len)
+        # A block the target cut short counts its verified tokens only: all of them accepted is no rejection.
+        self.acceptance.record(num_verified, verdict.accepted_len)
         self.open_blocks.popleft()
         if not ahead_stands:
             # Whatever was drafted past the verdict (a rejected tail, a block drafted ahead) is stale.

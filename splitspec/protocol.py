@@ -61,3 +61,4 @@ class Verdict:
     next_token_id: int  # recovered token at the first rejection, or the bonus token
     rollback_to: int  # start_position + accepted_len: KV entries of the first rollback_to tokens stay valid
     num_speculative_tokens: int  # size of the next block; 0 asks for none
+    num_verified_tokens: int | None = None  # leading draft tokens verified; None: the whole block

@@ -3,7 +3,6 @@
 Server-specific messages are converted in each server's `wire` module; engine and model code never see protobufs.
 """
 
-import dataclasses
 
 import torch
 from splitspec_client.v1 import common_pb2, draft_pb2
@@ -78,11 +77,19 @@ def verdict_from_pb(message: draft_pb2.Verdict) -> Verdict:
         next_token_id=message.next_token_id,
         rollback_to=message.rollback_to,
         num_speculative_tokens=message.num_speculative_tokens,
+        num_verified_tokens=message.num_verified_tokens or None,
     )
 
 
 def verdict_to_pb(verdict: Verdict) -> draft_pb2.Verdict:
-    return draft_pb2.Verdict(**dataclasses.asdict(verdict))
+    return draft_pb2.Verdict(
+        block_index=verdict.block_index,
+        accepted_len=verdict.accepted_len,
+        next_token_id=verdict.next_token_id,
+        rollback_to=verdict.rollback_to,
+        num_speculative_tokens=verdict.num_speculative_tokens,
+        num_verified_tokens=verdict.num_verified_tokens or 0,
+    )
 
 
 def block_to_pb(block: CandidateBlock) -> draft_pb2.CandidateBlock:

@@ -132,6 +132,7 @@ class Speculation:
             next_token_id=verification.next_token_id,
             rollback_to=block.start_position + verification.accepted_len,
             num_speculative_tokens=next_num_tokens,
+            num_verified_tokens=len(block.token_ids),
         )
         try:
             await self.link.send_verdict(verdict)

@@ -357,3 +357,32 @@ def test_a_cut_block_keeps_the_drafting_cost_of_every_token_drafted():
     cut = block.truncated(5)
     assert cut.token_ids == [1, 2, 3, 4, 5] and cut.draft_ns == 8000 and cut.draft_ns_per_token == 1000
     assert cut.truncated(2).draft_ns_per_token == 1000
+
+
+def test_a_verdict_on_a_cut_block_says_how_many_tokens_were_verified():
+    """The target verified only the cut block's tokens; the draft's acceptance estimate must not read the tokens cut
+    off as rejected (draft_server.engine.DraftSession.apply_verdict)."""
+    import asyncio
+
+    from splitspec.protocol import CandidateBlock
+    from splitspec.sampling import SamplingParams
+    from splitspec.speculative import Verification
+    from target_server.request import GenerationRequest
+    from target_server.speculation import Speculation
+
+    class RecordingLink:
+        def __init__(self):
+            self.verdicts = []
+
+        async def send_verdict(self, verdict):
+            self.verdicts.append(verdict)
+
+    request = GenerationRequest("cut", [1, 2, 3], SamplingParams(), 32, (), True, 4)
+    speculation = Speculation(pool=None, request=request, vocabulary=None, timeout_s=5, max_reopens=0,
+                              draft_ahead=True)
+    speculation.link = link = RecordingLink()
+    block = CandidateBlock(block_index=0, start_position=3, token_ids=[5, 6, 7, 8], draft_probs=[], draft_ns=4000,
+                           preceding_token_id=3)
+    asyncio.run(speculation.send_verdict(block.truncated(2), Verification(2, 9), 2))
+    asyncio.run(speculation.send_verdict(block, Verification(1, 9), 2))
+    assert [(v.accepted_len, v.num_verified_tokens, v.rollback_to) for v in link.verdicts] == [(2, 2, 5), (1, 4, 4)]

@@ -6,7 +6,7 @@ import asyncio
 
 import torch
 
-from draft_server.engine import DraftLimits, DraftSession
+from draft_server.engine import AHEAD_PRIOR, DraftLimits, DraftSession
 from draft_server.servicer import DraftServicer
 from splitspec import wire
 from splitspec.kv_cache import Sequence
@@ -146,3 +146,32 @@ def test_the_draft_drafts_ahead_while_its_blocks_are_accepted_and_stops_when_the
     assert [round_with(4) for _ in range(6)][-1] is True  # ...and whole blocks accepted switch it on again
     assert round_with(3)  # one rejection late in a block does not
     assert 0.7 < session.acceptance.value < 1
+
+
+def test_a_block_the_target_cut_short_and_accepted_whole_counts_as_no_rejection():
+    class Tokens(Sequence):
+        cached_len = 0
+
+        def truncate_cache(self, length):
+            pass
+
+    def acceptance_after(num_verified_tokens: int | None, accepted_len: int) -> float:
+        start = SessionStart([1, 2, 3], SamplingParams(), 4, VOCABULARY, "r", draft_ahead=True)
+        session = DraftSession(1, start, Tokens([1, 2, 3]), DraftLimits(8, 1024, 16, 4), torch.device("cpu"))
+        for index in range(4):
+            position = len(session.sequence.token_ids)
+            session.open_blocks.append(CandidateBlock(index, position, [7, 7, 7, 7], [], 0, 3))
+            session.sequence.token_ids += [7, 7, 7, 7]
+            verdict = Verdict(index, accepted_len, 9, position + accepted_len, 4, num_verified_tokens)
+            session.apply_verdict(wire.verdict_from_pb(wire.verdict_to_pb(verdict)), VOCABULARY.vocab_size)
+            session.next_block_index += 1
+        return session.acceptance.value
+
+    prior_acceptance = AHEAD_PRIOR[0] / sum(AHEAD_PRIOR)
+    # The target verified 2 of each block's 4 tokens (its k went down) and accepted both: no rejection, the estimate
+    # rises as for blocks accepted whole.
+    assert acceptance_after(2, 2) > prior_acceptance
+    assert acceptance_after(4, 2) == acceptance_after(None, 2)  # 4 verified of 4: the whole block
+    # Without the field (an older target), the same verdicts read as a rejection after 2 tokens each.
+    assert acceptance_after(None, 2) < prior_acceptance
+    assert acceptance_after(None, 4) > prior_acceptance
