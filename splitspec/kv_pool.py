@@ -17,7 +17,8 @@ gpt-fast's static cache, without vLLM's paging):
 
 Only models whose every layer attends to the full causal prefix, through "sdpa" or "eager" attention, can take a
 4D mask this way (`batching_problem` says why another cannot); sliding-window and hybrid layers would need a mask
-of their own.
+of their own. A model family might also ignore the explicit positions or the mask: `runner_for` tries a small ragged
+batch against unbatched forwards at start-up and falls back to one cache per sequence when they differ or fail.
 """
 
 import dataclasses
@@ -132,6 +133,7 @@ class PoolBatch:
     write_positions: torch.Tensor  # [rows, columns]
     kv_length: int
     max_slot: int
+    min_cached_len: int
 
 
 class _PoolCache(Cache):
@@ -146,7 +148,10 @@ class _PoolCache(Cache):
         return self.pool.write_and_gather(layer_idx, key_states, value_states, self.batch)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        raise NotImplementedError("a pooled batch has one length per row: pass position_ids")
+        """The shortest row's cached length. Rows differ, so a model may use this only where explicit position ids
+        and the 4D mask override it (OPT reads it to derive positions it then takes from position_ids); `runner_for`
+        checks at start-up that a model's batched rows equal its unbatched ones."""
+        return self.batch.min_cached_len
 
 
 class PooledSequence(Sequence):
@@ -214,12 +219,16 @@ class BatchedCausalLMRunner(Runner):
                              keys[None, None, :] == 0)[:, None]  # [rows, 1, columns, kv_length]
         slot_ids = [row.sequence.slot for row in rows]
         slots = torch.tensor(slot_ids, device=device)  # [rows]
-        batch = PoolBatch(slots, slots[:, None].expand(-1, num_columns), positions, kv_length, max(slot_ids))
+        batch = PoolBatch(slots, slots[:, None].expand(-1, num_columns), positions, kv_length, max(slot_ids),
+                          min(starts))
+        # The model sees padding columns at position 0: their KV entries go past the row's real tokens (`positions`),
+        # but a position embedding of that index could lie past the model's learned positions (GPT-2's wpe).
+        position_ids = torch.where(real, positions, 0)  # [rows, columns]
         dtype = self.model.dtype
         mask = (torch.zeros(attend.shape, dtype=dtype, device=device).masked_fill(~attend, torch.finfo(dtype).min)
                 if self._additive_mask else attend)
         output = self.model(input_ids=torch.tensor(input_ids, device=device), attention_mask=mask,
-                            position_ids=positions, cache=_PoolCache(self.pool, batch), use_cache=True,
+                            position_ids=position_ids, cache=_PoolCache(self.pool, batch), use_cache=True,
                             logits_to_keep=max(row.logits_to_keep for row in rows))
         for row in rows:
             row.sequence.cached_len += len(row.token_ids)
@@ -234,7 +243,42 @@ class BatchedCausalLMRunner(Runner):
         return self.forward_batch([ForwardRow(sequence, token_ids, logits_to_keep)])[0]
 
 
+def batched_forward_problem(model: torch.nn.Module) -> str | None:
+    """Why batched forwards over a pool do not give `model`'s own results (None: they do), found by trying: two
+    sequences of different cached lengths, fed ragged rows twice, against one DynamicCache per sequence. A model
+    family whose forward ignores explicit position ids or a 4D mask fails here, at start-up, not on a request."""
+    vocab_size = model.config.vocab_size
+    tokens = [t % vocab_size for t in range(11, 20)]
+    # Two sequences with prompts of 5 and 1 tokens; then 1 and 3 more tokens: rows of different lengths, cached
+    # prefixes and numbers of kept logits, padded both ways.
+    prompts, extensions, kept = [tokens[:5], tokens[5:6]], [tokens[6:7], tokens[6:9]], [(2, 1), (1, 3)]
+    alone = CausalLMRunner(model)
+    batched = BatchedCausalLMRunner(model, KVPool(model.config.num_hidden_layers, initial_slots=2,
+                                                  initial_capacity=8))
+    pairs = [(alone.new_sequence(list(prompt)), batched.new_sequence(list(prompt))) for prompt in prompts]
+    tolerance = 1e-3 if model.dtype == torch.float32 else 3e-2
+    try:
+        for step, keeps in enumerate(kept):
+            if step:
+                for (reference, pooled), extension in zip(pairs, extensions):
+                    reference.token_ids += extension
+                    pooled.token_ids += extension
+            expected = [alone.forward(reference, reference.uncached_token_ids(), keep)
+                        for (reference, _), keep in zip(pairs, keeps)]
+            got = batched.forward_batch([ForwardRow(pooled, pooled.uncached_token_ids(), keep)
+                                         for (_, pooled), keep in zip(pairs, keeps)])
+            for want, row_logits in zip(expected, got):
+                scale = float(want.abs().max()) or 1.0
+                if row_logits.shape != want.shape or not torch.allclose(row_logits, want, rtol=tolerance,
+                                                                         atol=tolerance * scale):
+                    return "its batched forwards differ from its unbatched ones"
+    except Exception as exc:  # any failure of the model's forward on a pooled batch rules batching out
+        return f"a batched forward fails ({type(exc).__name__}: {exc})"
+    return None
+
+
 def runner_for(model: torch.nn.Module) -> tuple["BatchedCausalLMRunner | CausalLMRunner", str | None]:
-    """A batched runner over a pool when the model allows one; else one DynamicCache per sequence, and why."""
-    problem = batching_problem(model)
+    """A batched runner over a pool when the model allows one and its batched forwards check out; else one
+    DynamicCache per sequence, and why."""
+    problem = batching_problem(model) or batched_forward_problem(model)
     return (CausalLMRunner(model), problem) if problem else (BatchedCausalLMRunner(model), None)

@@ -22,7 +22,7 @@ from target_server import cli as target_cli
 from target_server.draft_pool import DraftPool
 from target_server.engine import TargetEngine
 from target_server.request import GenerationRequest
-from tiny_models import build_llama
+from tiny_models import build_gpt2, build_llama, build_opt
 
 PROMPTS = ["The quick brown fox", "def wrap(text, width=70):", "Beautiful is better than ugly.", "Now is better",
            "import os", "Errors should never pass silently.", "class Wrapper:", "Flat is better than nested."]
@@ -120,6 +120,68 @@ def test_models_that_cannot_take_a_4d_mask_fall_back_to_one_cache_per_sequence()
     assert isinstance(runner, CausalLMRunner) and "sliding-window" in problem
     with pytest.raises(ValueError, match="cannot batch"):
         BatchedCausalLMRunner(sliding)
+
+
+@pytest.mark.parametrize("build", [build_opt, build_gpt2], ids=["opt", "gpt2"])
+def test_other_model_families_batch_and_match_their_unbatched_forwards(build):
+    """OPT asks its cache for its length (a pooled batch has one per row) and GPT-2 looks its positions up in a table
+    of exactly `n_positions`: both batch, and each row equals its own unbatched forward, up to the last position."""
+    model = build(seed=0, max_positions=64)
+    runner, problem = runner_for(model)
+    assert problem is None and isinstance(runner, BatchedCausalLMRunner)
+    alone = CausalLMRunner(model)
+    rng = random.Random(1)
+    # A row with 40 tokens cached, fed 1, beside a 30-token prefill: padding columns of the long row go past
+    # position 63 in the pool; then both rows run up to the model's last position.
+    long_prompt, short_prompt = [rng.randrange(3, 384) for _ in range(41)], [rng.randrange(3, 384) for _ in range(30)]
+    pairs = [(alone.new_sequence(list(p)), runner.new_sequence(list(p))) for p in (long_prompt, short_prompt)]
+    pairs[0][0].token_ids = long_prompt[:40]
+    pairs[0][1].token_ids = long_prompt[:40]
+    alone.forward(pairs[0][0], long_prompt[:40], 1)
+    runner.forward(pairs[0][1], long_prompt[:40], 1)
+    pairs[0][0].token_ids.append(long_prompt[40])
+    pairs[0][1].token_ids.append(long_prompt[40])
+    while len(pairs[0][0].token_ids) < 64 and len(pairs[1][0].token_ids) < 64:
+        rows, expected = [], []
+        for reference, pooled in pairs:
+            fed = reference.uncached_token_ids()
+            expected.append(alone.forward(reference, fed, len(fed)))
+            rows.append(ForwardRow(pooled, fed, len(fed)))
+        for want, got in zip(expected, runner.forward_batch(rows)):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        for reference, pooled in pairs:
+            extend_both(reference, pooled, rng, 3)
+            excess = len(reference.token_ids) - 64
+            if excess > 0:
+                del reference.token_ids[64:], pooled.token_ids[64:]
+
+
+def test_a_model_whose_batched_forwards_differ_falls_back_to_one_cache_per_sequence():
+    """A model family that derives positions from its cache instead of taking position ids (as OPT did before
+    transformers honoured them) gives wrong rows in a pooled batch: the start-up check finds it."""
+    from transformers import LlamaForCausalLM
+
+    class IgnoresPositionIds(LlamaForCausalLM):
+        def forward(self, *args, position_ids=None, **kwargs):
+            cache = kwargs.get("cache")
+            if cache is not None:
+                # Positions as one DynamicCache would give them: after the cache's (here: the shortest row's) length.
+                start = cache.get_seq_length()
+                position_ids = torch.arange(start, start + kwargs["input_ids"].shape[1])[None]
+            return super().forward(*args, position_ids=position_ids, **kwargs)
+
+    model = IgnoresPositionIds(build_llama(seed=0).config).eval()
+    runner, problem = runner_for(model)
+    assert isinstance(runner, CausalLMRunner) and "differ" in problem
+
+    class FailsBatched(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            if kwargs.get("attention_mask") is not None and kwargs["attention_mask"].dim() == 4:
+                raise NotImplementedError("no 4D masks here")
+            return super().forward(*args, **kwargs)
+
+    runner, problem = runner_for(FailsBatched(build_llama(seed=0).config).eval())
+    assert isinstance(runner, CausalLMRunner) and "NotImplementedError: no 4D masks here" in problem
 
 
 class _Sequence:

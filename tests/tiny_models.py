@@ -26,3 +26,25 @@ def save(model, tokenizer, directory: pathlib.Path) -> str:
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return str(directory)
+
+
+def build_opt(seed: int, vocab_size: int = VOCAB_SIZE, max_positions: int = 512):
+    """A tiny OPT: learned positions with an offset, and a decoder that asks its cache for its length."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(vocab_size=vocab_size, hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=2,
+                       num_attention_heads=2, max_position_embeddings=max_positions, attn_implementation="sdpa")
+    return OPTForCausalLM(config).eval()
+
+
+def build_gpt2(seed: int, vocab_size: int = VOCAB_SIZE, max_positions: int = 512):
+    """A tiny GPT-2: learned absolute positions, exactly `max_positions` of them."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=max_positions, n_embd=32, n_layer=2, n_head=2,
+                        attn_implementation="sdpa")
+    return GPT2LMHeadModel(config).eval()
