@@ -155,7 +155,9 @@ class DraftSession:
             self.sequence.token_ids.append(verdict.next_token_id)
         self.ahead_guess = None
         self.pending_verdict = None
-        self.check_block_size("verdict.num_speculative_tokens", verdict.num_speculative_tokens, allow_zero=True)
+        # The next block starts after the verdict's token, whether or not a block drafted ahead already fills it.
+        self.check_block_size("verdict.num_speculative_tokens", verdict.num_speculative_tokens, allow_zero=True,
+                              sequence_len=verdict.rollback_to + 1)
         return ahead_stands
 
     def drafting_ahead_pays(self) -> bool:
@@ -170,15 +172,16 @@ class DraftSession:
             return True
         return draft_ahead_pays(self.acceptance.value, len(self.open_blocks[-1].token_ids))
 
-    def check_block_size(self, field: str, num_tokens: int, allow_zero: bool) -> None:
+    def check_block_size(self, field: str, num_tokens: int, allow_zero: bool, sequence_len: int | None = None) -> None:
+        """A block of `num_tokens` after the first `sequence_len` tokens (default: the whole sequence) fits."""
         low = 0 if allow_zero else 1
         if not low <= num_tokens <= self.limits.max_num_speculative_tokens:
             raise InvalidArgument(field, f"must be in [{low}, {self.limits.max_num_speculative_tokens}], got {num_tokens}")
-        room = self.limits.max_context_tokens - len(self.sequence.token_ids)
-        if num_tokens > 0 and num_tokens > room:
+        used = len(self.sequence.token_ids) if sequence_len is None else sequence_len
+        if num_tokens > 0 and num_tokens > self.limits.max_context_tokens - used:
             raise FailedPrecondition(
                 f"{field}: {num_tokens} draft tokens do not fit the draft model's context "
-                f"({self.limits.max_context_tokens} tokens, {len(self.sequence.token_ids)} used)"
+                f"({self.limits.max_context_tokens} tokens, {used} used)"
             )
 
 
@@ -259,11 +262,11 @@ class DraftEngine:
         self._validate_start(start)
         session = DraftSession(next(self._session_ids), start, self.runner.new_sequence(start.prompt_token_ids),
                                self.limits, self.runner.device)
-        session.check_block_size("start.num_speculative_tokens", start.num_speculative_tokens, allow_zero=False)
-        self.sessions[session.session_id] = session
-        log.info("session %d open (request %s, %d prompt tokens)", session.session_id, start.request_id,
-                 len(start.prompt_token_ids), extra={"request_id": start.request_id})
+        self.sessions[session.session_id] = session  # it holds a KV slot from here on
         try:
+            session.check_block_size("start.num_speculative_tokens", start.num_speculative_tokens, allow_zero=False)
+            log.info("session %d open (request %s, %d prompt tokens)", session.session_id, start.request_id,
+                     len(start.prompt_token_ids), extra={"request_id": start.request_id})
             return session, self._drafted(await session.draft_block(self.batcher, start.num_speculative_tokens))
         except BaseException:
             self.close_session(session)  # the caller never gets the session to close

@@ -4,11 +4,13 @@ and a draft session's choice to draft ahead."""
 
 import asyncio
 
+import pytest
 import torch
 
 from draft_server.engine import AHEAD_PRIOR, DraftLimits, DraftSession
 from draft_server.servicer import DraftServicer
 from splitspec import wire
+from splitspec.errors import FailedPrecondition
 from splitspec.kv_cache import Sequence
 from splitspec.speculative import DRAFT_AHEAD_MIN_CHANCE
 from splitspec.models import Vocabulary
@@ -175,3 +177,39 @@ def test_a_block_the_target_cut_short_and_accepted_whole_counts_as_no_rejection(
     # Without the field (an older target), the same verdicts read as a rejection after 2 tokens each.
     assert acceptance_after(None, 2) < prior_acceptance
     assert acceptance_after(None, 4) > prior_acceptance
+
+
+def test_a_block_drafted_ahead_that_stands_near_the_end_of_the_context_is_no_error():
+    """Context 64: blocks of 4 drafted ahead up to the last position. The verdict's next block size counts from the
+    verdict's token (position rollback_to), not from the end of the blocks already drafted ahead after it."""
+    class Tokens(Sequence):
+        cached_len = 0
+
+        def truncate_cache(self, length):
+            pass
+
+    start = SessionStart(list(range(50)), SamplingParams(), 4, VOCABULARY, "r", draft_ahead=True)
+    session = DraftSession(1, start, Tokens(list(range(50))), DraftLimits(8, 64, 16, 4), torch.device("cpu"))
+
+    def open_block(guess: int | None) -> CandidateBlock:
+        if guess is not None:  # drafted ahead: the guess of the target's token first
+            session.ahead_guess = guess
+            session.sequence.token_ids.append(guess)
+        block = CandidateBlock(session.next_block_index, len(session.sequence.token_ids), [7] * 4, [], 0, 3,
+                               guess is not None)
+        session.sequence.token_ids += block.token_ids
+        session.open_blocks.append(block)
+        session.next_block_index += 1
+        return block
+
+    first, ahead = open_block(None), open_block(9)  # positions 50-53; guess 54, 55-58
+    assert session.apply_verdict(Verdict(first.block_index, 4, 9, 54, 4), VOCABULARY.vocab_size)
+    open_block(9)  # guess 59, positions 60-63: the context is full
+    assert len(session.sequence.token_ids) == 64
+    # The target is at 59 + its token = 60 tokens: a next block of 3 or 4 fits; 5 does not.
+    assert session.apply_verdict(Verdict(ahead.block_index, 4, 9, 59, 4), VOCABULARY.vocab_size)
+    session.open_blocks.clear()
+    session.open_blocks.append(CandidateBlock(session.next_block_index, 60, [7] * 4, [], 0, 3))
+    session.sequence.token_ids[60:] = [7] * 4
+    with pytest.raises(FailedPrecondition, match="5 draft tokens do not fit"):
+        session.apply_verdict(Verdict(session.next_block_index, 0, 9, 60, 5), VOCABULARY.vocab_size)

@@ -112,3 +112,24 @@ def test_draft_ahead_keeps_both_halves_in_step(model_dirs, draft_name, sampling)
         assert sequence.cached_len == len(sequence.token_ids) - 1
     # The self-draft covers the guess-right branch, the related draft the rollback branch.
     assert used_ahead == 12 if draft_name == "target" else used_ahead < 12
+
+
+def test_a_refused_session_start_gives_its_kv_slot_back(model_dirs):
+    from splitspec.errors import FailedPrecondition, InvalidArgument
+
+    draft_model = _load(model_dirs["unrelated_draft"])
+    vocabulary = models.vocabulary_of(draft_model, None)
+    runner = BatchedCausalLMRunner(draft_model)
+    engine = DraftEngine(runner, vocabulary, DraftLimits(max_num_speculative_tokens=8, max_context_tokens=64,
+                                                         max_draft_support=64, max_sessions=4))
+    try:
+        for k, prompt, error in [(9, PROMPT, InvalidArgument), (4, PROMPT * 12 + [1, 2], FailedPrecondition)]:
+            with pytest.raises(error):
+                asyncio.run(engine.start_session(SessionStart(prompt, SamplingParams(), k, vocabulary, "refused")))
+        assert (engine.live_sessions, runner.pool.slots_in_use) == (0, 0)
+        session, _ = asyncio.run(engine.start_session(SessionStart(PROMPT, SamplingParams(), 4, vocabulary, "ok")))
+        assert session.sequence.slot == 0  # the refused starts' slots were reused
+        engine.close_session(session)
+        assert runner.pool.slots_in_use == 0
+    finally:
+        engine.shutdown()
