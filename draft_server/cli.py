@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="Hugging Face causal LM: a local directory or a hub id.")
     add_common_flags(parser, default_port=50052)
     parser.add_argument("--cpus", type=parse_cpu_list, default=None,
-                        help="CPUs to pin to, e.g. 0-15 or 0-7,16-23. Default: the NUMA node's CPUs, else all online.")
+                        help="CPUs to pin to, e.g. 0-15 or 0-7,16-23, within those this process may run on (taskset, "
+                             "cpuset). Default: the NUMA node's CPUs, else all online CPUs, that it may run on.")
     parser.add_argument("--numa-node", type=int, default=None,
                         help="NUMA node to bind memory to (and to take CPUs from when --cpus is not given).")
     parser.add_argument("--threads", type=int, default=None, help="Torch intra-op threads. Default: one per pinned CPU.")

@@ -166,7 +166,8 @@ class LLM:
     the target's vocabulary; num_speculative_tokens: draft tokens per verification round (default 4).
     speculative_config={"model": ..., "num_speculative_tokens": ...} (vLLM's newer spelling) works too.
     cpu_draft_worker: run the draft in a child process pinned to `draft_cpus` ("0-7" or a list) and
-    `draft_numa_node`, with the dtype best for this CPU; else in this process on the target's device.
+    `draft_numa_node`, with the dtype best for this CPU; else in this process on the target's device. The child
+    inherits this process's CPU affinity and pins only within it (by default: all of it, or the node's part).
     num_speculative_tokens_schedule: "constant" (default), "heuristic" or "goodput", as the target server's
     --num-speculative-tokens-schedule (goodput profiles the target's forwards when the LLM starts).
     device: "auto" (CUDA when present, else the CPU), "cpu", "cuda", "cuda:N". dtype: "auto" (bfloat16 or float16

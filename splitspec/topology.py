@@ -1,8 +1,9 @@
 """CPU topology and pinning for the draft server: which CPUs and NUMA nodes exist, which ISA they offer, and how
 to pin this process to a set of them (the `numactl -C <cpus> -m <node>` + `OMP_NUM_THREADS` recipe, done in-process).
 
-Everything is read from sysfs/procfs under roots the caller can replace, so tests run on fake trees. torch is
-imported only when threads are actually set, so planning and inspection stay cheap.
+Everything is read from sysfs/procfs under roots the caller can replace, and the CPUs this process may run on
+(its affinity) can be passed in, so tests run on fake machines. torch is imported only when threads are actually set,
+so planning and inspection stay cheap.
 """
 
 from __future__ import annotations
@@ -53,19 +54,28 @@ def format_cpu_list(cpus: Iterable[int]) -> str:
 @dataclass(frozen=True)
 class CpuTopology:
     online_cpus: tuple[int, ...]
+    # The CPUs this process may run on, as inherited from taskset, systemd's CPUAffinity= or a container's cpuset:
+    # pinning chooses among these only, since widening the set would escape the limit someone set on purpose.
+    allowed_cpus: tuple[int, ...]
     numa_nodes: dict[int, tuple[int, ...]]  # node id -> its CPUs as sysfs lists them (possibly offline, possibly none)
     cpu_flags: frozenset[str]
 
 
-def read_topology(sys_root: Path = Path("/sys"), proc_root: Path = Path("/proc")) -> CpuTopology:
+def read_topology(
+    sys_root: Path = Path("/sys"), proc_root: Path = Path("/proc"), allowed_cpus: Iterable[int] | None = None
+) -> CpuTopology:
+    """The machine as this process sees it; `allowed_cpus` defaults to this process's affinity."""
     online = tuple(parse_cpu_list((sys_root / "devices/system/cpu/online").read_text()))
+    allowed = tuple(sorted(set(os.sched_getaffinity(0) if allowed_cpus is None else allowed_cpus)))
     nodes = {
         int(node_dir.name[len("node"):]): tuple(parse_cpu_list((node_dir / "cpulist").read_text()))
         for node_dir in (sys_root / "devices/system/node").glob("node[0-9]*")
         if (node_dir / "cpulist").is_file()
     }
     # Kernels built without CONFIG_NUMA (and some containers) have no node directory: that is one node holding all.
-    return CpuTopology(online, dict(sorted(nodes.items())) or {0: online}, _read_cpu_flags(proc_root / "cpuinfo"))
+    return CpuTopology(
+        online, allowed, dict(sorted(nodes.items())) or {0: online}, _read_cpu_flags(proc_root / "cpuinfo")
+    )
 
 
 def _read_cpu_flags(cpuinfo: Path) -> frozenset[str]:
@@ -107,11 +117,19 @@ class PinningPlan:
     threads: int  # torch intra-op threads
 
 
+_AFFINITY = "this process's affinity (set by taskset, systemd's CPUAffinity= or a container's cpuset)"
+
+
 def plan_pinning(
     topology: CpuTopology, cpus: list[int] | None, numa_node: int | None, threads: int | None
 ) -> PinningPlan:
-    """Check the `--cpus` / `--numa-node` / `--threads` flags against the machine and settle what to pin to."""
+    """Check the `--cpus` / `--numa-node` / `--threads` flags against the machine and settle what to pin to.
+
+    Only CPUs both online and allowed (`topology.allowed_cpus`) are candidates: without `--cpus`, the plan takes those
+    of `--numa-node`, else all of them, and `--threads` defaults to one per planned CPU. An explicit `--cpus` outside
+    the allowed set, or a node none of whose CPUs are allowed, is an error rather than a silent widening."""
     online = set(topology.online_cpus)
+    allowed = set(topology.allowed_cpus)
     if numa_node is not None and numa_node not in topology.numa_nodes:
         nodes = ", ".join(map(str, topology.numa_nodes))
         raise ValueError(f"--numa-node {numa_node}: no such NUMA node (this machine has: {nodes})")
@@ -123,6 +141,12 @@ def plan_pinning(
             raise ValueError(
                 f"--cpus: CPU(s) {format_cpu_list(offline)} are not online (online: {format_cpu_list(online)})"
             )
+        forbidden = set(cpus) - allowed
+        if forbidden:
+            raise ValueError(
+                f"--cpus: CPU(s) {format_cpu_list(forbidden)} are not allowed by {_AFFINITY}, "
+                f"which allows {format_cpu_list(allowed)}"
+            )
         if numa_node is not None:
             elsewhere = set(cpus) - set(topology.numa_nodes[numa_node])
             if elsewhere:
@@ -132,17 +156,38 @@ def plan_pinning(
                 )
         chosen = sorted(set(cpus))
     elif numa_node is not None:
-        chosen = sorted(online & set(topology.numa_nodes[numa_node]))
-        if not chosen:
+        node_online = online & set(topology.numa_nodes[numa_node])
+        if not node_online:
             raise ValueError(f"--numa-node {numa_node}: the node has no online CPUs (a memory-only node?)")
+        chosen = sorted(node_online & allowed)
+        if not chosen:
+            raise ValueError(
+                f"--numa-node {numa_node}: none of its online CPUs ({format_cpu_list(node_online)}) is allowed by "
+                f"{_AFFINITY}, which allows {format_cpu_list(allowed)}: pick a node that holds some of those"
+            )
+        _log_narrowed(f"NUMA node {numa_node}'s online CPUs", node_online, chosen)
     else:
-        chosen = sorted(online)
+        chosen = sorted(online & allowed)
+        if not chosen:
+            raise ValueError(
+                f"none of the online CPUs ({format_cpu_list(online)}) is allowed by {_AFFINITY}, "
+                f"which allows {format_cpu_list(allowed)}"
+            )
+        _log_narrowed("the online CPUs", online, chosen)
     if threads is None:
         threads = len(chosen)
     if not 1 <= threads <= len(chosen):
         # More threads than CPUs only makes OpenMP threads preempt each other on a pinned set.
         raise ValueError(f"--threads {threads}: must be between 1 and {len(chosen)}, the number of pinned CPUs")
     return PinningPlan(tuple(chosen), numa_node, threads)
+
+
+def _log_narrowed(what: str, candidates: set[int], chosen: list[int]) -> None:
+    if len(chosen) < len(candidates):
+        logger.info(
+            "pinning: %s %s narrowed to %s, the ones allowed by %s",
+            what, format_cpu_list(candidates), format_cpu_list(chosen), _AFFINITY,
+        )
 
 
 MPOL_DEFAULT = 0
@@ -203,6 +248,7 @@ def apply_pinning(
     plan: PinningPlan,
     *,
     set_affinity: Callable[[int, Iterable[int]], None] = os.sched_setaffinity,
+    get_affinity: Callable[[int], Iterable[int]] = os.sched_getaffinity,
     bind_memory: Callable[[int], None] = bind_memory_to_node,
     set_threads: Callable[[int], None] | None = None,
 ) -> AppliedPinning:
@@ -210,15 +256,19 @@ def apply_pinning(
     so call this before torch or gRPC start their thread pools.
 
     A sandbox or container may forbid affinity or memory policy (EPERM, ENOSYS): that costs speed, not correctness,
-    so it is logged and recorded in `notes` instead of stopping the server."""
+    so it is logged and recorded in `notes` instead of stopping the server. Without the planned affinity the process
+    runs on the CPUs it already had, and its threads follow them: one per CPU if the plan had one per CPU, else the
+    plan's count where those CPUs hold it."""
     notes: list[str] = []
-    cpus = plan.cpus
+    cpus, threads = plan.cpus, plan.threads
     try:
         set_affinity(0, plan.cpus)
     except OSError as exc:
-        cpus = tuple(sorted(os.sched_getaffinity(0)))
+        cpus = tuple(sorted(get_affinity(0)))
+        threads = len(cpus) if plan.threads == len(plan.cpus) else min(plan.threads, len(cpus))
         notes.append(
-            f"CPU affinity {format_cpu_list(plan.cpus)} not applied ({exc}); running on {format_cpu_list(cpus)}"
+            f"CPU affinity {format_cpu_list(plan.cpus)} not applied ({exc}); "
+            f"running on {format_cpu_list(cpus)} with {threads} threads"
         )
     numa_node = plan.numa_node
     if numa_node is not None:
@@ -229,8 +279,8 @@ def apply_pinning(
             notes.append(f"memory binding to NUMA node {plan.numa_node} not applied ({exc})")
     # OMP_NUM_THREADS only matters to OpenMP runtimes not yet started (child processes, late-loaded libraries);
     # the running torch pool is resized by set_num_threads.
-    os.environ["OMP_NUM_THREADS"] = str(plan.threads)
-    (set_threads or _torch_set_num_threads)(plan.threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    (set_threads or _torch_set_num_threads)(threads)
     for note in notes:
         logger.warning("pinning: %s", note)
-    return AppliedPinning(cpus, numa_node, plan.threads, notes)
+    return AppliedPinning(cpus, numa_node, threads, notes)

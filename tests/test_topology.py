@@ -1,4 +1,5 @@
-"""CPU topology and pinning, on fake sysfs/procfs trees (AMX and multi-node machines) and on this machine."""
+"""CPU topology and pinning, on fake sysfs/procfs trees and affinities (AMX, multi-node, cpuset-limited machines) and
+on this machine."""
 
 import errno
 import logging
@@ -57,25 +58,27 @@ def x86_cpuinfo(flags: str, cpus: int) -> str:
 @pytest.fixture
 def sapphire_rapids(tmp_path) -> CpuTopology:
     """2 sockets, 8 CPUs each, AMX."""
-    return read_topology(*make_tree(tmp_path, "0-15", {0: "0-7", 1: "8-15"}, x86_cpuinfo(SPR_FLAGS, 16)))
+    return read_topology(
+        *make_tree(tmp_path, "0-15", {0: "0-7", 1: "8-15"}, x86_cpuinfo(SPR_FLAGS, 16)), allowed_cpus=range(16)
+    )
 
 
 @pytest.fixture
 def epyc_vm(tmp_path) -> CpuTopology:
     """This project's kind of machine: 2 cores, AVX2, one node."""
-    return read_topology(*make_tree(tmp_path, "0-1", {0: "0-1"}, x86_cpuinfo(EPYC_FLAGS, 2)))
+    return read_topology(*make_tree(tmp_path, "0-1", {0: "0-1"}, x86_cpuinfo(EPYC_FLAGS, 2)), allowed_cpus=[0, 1])
 
 
 @pytest.fixture
 def no_numa(tmp_path) -> CpuTopology:
     """A kernel without CONFIG_NUMA: no node directory at all."""
-    return read_topology(*make_tree(tmp_path, "0-3", None, x86_cpuinfo("avx2 avx512f fma", 4)))
+    return read_topology(*make_tree(tmp_path, "0-3", None, x86_cpuinfo("avx2 avx512f fma", 4)), allowed_cpus=range(4))
 
 
 @pytest.fixture
 def graviton(tmp_path) -> CpuTopology:
     cpuinfo = f"processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: {ARM_FEATURES}\nCPU implementer\t: 0x41\n"
-    return read_topology(*make_tree(tmp_path, "0-3", {0: "0-3"}, cpuinfo))
+    return read_topology(*make_tree(tmp_path, "0-3", {0: "0-3"}, cpuinfo), allowed_cpus=range(4))
 
 
 # --- CPU lists -------------------------------------------------------------------------------------------------------
@@ -212,7 +215,8 @@ def test_plan_unknown_node_lists_node_zero(request, fixture):
 
 def test_plan_uses_only_online_cpus_and_rejects_memory_only_node(tmp_path):
     # CPU 3 is offline; node 2 is memory only (CXL), its cpulist empty.
-    topology = read_topology(*make_tree(tmp_path, "0-2,4-7", {0: "0-3", 1: "4-7", 2: ""}, x86_cpuinfo("avx2", 1)))
+    tree = make_tree(tmp_path, "0-2,4-7", {0: "0-3", 1: "4-7", 2: ""}, x86_cpuinfo("avx2", 1))
+    topology = read_topology(*tree, allowed_cpus=range(8))
     assert topology.numa_nodes[2] == ()
     assert plan_pinning(topology, None, 0, None).cpus == (0, 1, 2)
     with pytest.raises(ValueError, match=r"--numa-node 2: the node has no online CPUs"):
@@ -221,18 +225,88 @@ def test_plan_uses_only_online_cpus_and_rejects_memory_only_node(tmp_path):
         plan_pinning(topology, [3], 0, None)
 
 
+AFFINITY = r"this process's affinity \(set by taskset, systemd's CPUAffinity= or a container's cpuset\)"
+
+
+def test_plan_takes_only_the_cpus_the_process_may_run_on(tmp_path, caplog):
+    # `taskset -c 2,3` on a 4-CPU machine: pinning must stay inside it, not widen it to all online CPUs.
+    topology = read_topology(*make_tree(tmp_path, "0-3", {0: "0-3"}, x86_cpuinfo("avx2", 4)), allowed_cpus={3, 2})
+    assert topology.online_cpus == (0, 1, 2, 3) and topology.allowed_cpus == (2, 3)
+    with caplog.at_level(logging.INFO, logger="splitspec.topology"):
+        assert plan_pinning(topology, None, None, None) == PinningPlan((2, 3), None, 2)
+    assert [r.getMessage() for r in caplog.records] == [
+        "pinning: the online CPUs 0-3 narrowed to 2-3, the ones allowed by this process's affinity "
+        "(set by taskset, systemd's CPUAffinity= or a container's cpuset)"
+    ]
+    assert plan_pinning(topology, None, 0, None) == PinningPlan((2, 3), 0, 2)
+    assert plan_pinning(topology, [3], None, None) == PinningPlan((3,), None, 1)
+    with pytest.raises(ValueError, match=r"--threads 3: must be between 1 and 2, the number of pinned CPUs"):
+        plan_pinning(topology, None, None, 3)
+
+
+def test_plan_in_a_container_with_a_cpuset(tmp_path):
+    # `docker run --cpuset-cpus 0-3` on a 64-CPU, 2-node host: sysfs shows the host, the affinity the cpuset.
+    tree = make_tree(tmp_path, "0-63", {0: "0-31", 1: "32-63"}, x86_cpuinfo("avx2", 64))
+    topology = read_topology(*tree, allowed_cpus=range(4))
+    assert plan_pinning(topology, None, None, None) == PinningPlan((0, 1, 2, 3), None, 4)
+    assert plan_pinning(topology, None, 0, None) == PinningPlan((0, 1, 2, 3), 0, 4)
+    with pytest.raises(ValueError, match=rf"--cpus: CPU\(s\) 4-15 are not allowed by {AFFINITY}, which allows 0-3"):
+        plan_pinning(topology, list(range(16)), None, None)
+    with pytest.raises(ValueError, match=r"--threads 64: must be between 1 and 4"):
+        plan_pinning(topology, None, None, 64)
+
+
+def test_plan_with_the_affinity_inside_the_second_node(tmp_path, caplog):
+    # systemd's CPUAffinity= for node 1, or a cpuset of part of it: 12-13 of node 1's 8-15.
+    tree = make_tree(tmp_path, "0-15", {0: "0-7", 1: "8-15"}, x86_cpuinfo(SPR_FLAGS, 16))
+    topology = read_topology(*tree, allowed_cpus=[12, 13])
+    with caplog.at_level(logging.INFO, logger="splitspec.topology"):
+        assert plan_pinning(topology, None, 1, None) == PinningPlan((12, 13), 1, 2)
+    assert "pinning: NUMA node 1's online CPUs 8-15 narrowed to 12-13" in caplog.records[0].getMessage()
+    assert plan_pinning(topology, None, None, None) == PinningPlan((12, 13), None, 2)
+    assert plan_pinning(topology, [13], 1, None) == PinningPlan((13,), 1, 1)
+    with pytest.raises(
+        ValueError,
+        match=rf"--numa-node 0: none of its online CPUs \(0-7\) is allowed by {AFFINITY}, which allows 12-13: "
+        r"pick a node that holds some of those",
+    ):
+        plan_pinning(topology, None, 0, None)
+    with pytest.raises(ValueError, match=rf"--cpus: CPU\(s\) 8-11 are not allowed by {AFFINITY}, which allows 12-13"):
+        plan_pinning(topology, [8, 9, 10, 11, 12], 1, None)
+
+
+def test_plan_refuses_an_affinity_of_no_online_cpu(tmp_path):
+    topology = read_topology(*make_tree(tmp_path, "0-3", {0: "0-3"}, x86_cpuinfo("avx2", 4)), allowed_cpus=[4, 5])
+    message = rf"none of the online CPUs \(0-3\) is allowed by {AFFINITY}, which allows 4-5"
+    with pytest.raises(ValueError, match=message):
+        plan_pinning(topology, None, None, None)
+
+
+def test_read_topology_defaults_to_this_process_affinity(tmp_path):
+    topology = read_topology(*make_tree(tmp_path, "0-255", {0: "0-255"}, x86_cpuinfo("avx2", 1)))
+    assert topology.allowed_cpus == tuple(sorted(os.sched_getaffinity(0)))
+
+
 # --- applying --------------------------------------------------------------------------------------------------------
 
 
 class Recorder:
-    def __init__(self, bind_error: OSError | None = None, affinity_error: OSError | None = None):
+    def __init__(
+        self,
+        bind_error: OSError | None = None,
+        affinity_error: OSError | None = None,
+        affinity: set[int] = frozenset(range(16)),
+    ):
         self.calls: list[tuple] = []
-        self.bind_error, self.affinity_error = bind_error, affinity_error
+        self.bind_error, self.affinity_error, self.affinity = bind_error, affinity_error, affinity
 
     def set_affinity(self, pid, cpus):
         self.calls.append(("affinity", pid, tuple(cpus)))
         if self.affinity_error:
             raise self.affinity_error
+
+    def get_affinity(self, pid):
+        return self.affinity
 
     def bind_memory(self, node):
         self.calls.append(("bind", node))
@@ -244,7 +318,11 @@ class Recorder:
 
     def apply(self, plan):
         return apply_pinning(
-            plan, set_affinity=self.set_affinity, bind_memory=self.bind_memory, set_threads=self.set_threads
+            plan,
+            set_affinity=self.set_affinity,
+            get_affinity=self.get_affinity,
+            bind_memory=self.bind_memory,
+            set_threads=self.set_threads,
         )
 
 
@@ -287,15 +365,31 @@ def test_apply_records_failed_memory_binding(sapphire_rapids, caplog, error, rea
     assert [r.levelno for r in caplog.records] == [logging.WARNING] and reason in caplog.records[0].getMessage()
 
 
-def test_apply_records_failed_affinity_and_reports_actual_cpus(sapphire_rapids):
-    recorder = Recorder(affinity_error=PermissionError(errno.EPERM, "Operation not permitted"))
-    applied = recorder.apply(plan_pinning(sapphire_rapids, [4, 5], 0, None))
-    assert applied.cpus == tuple(sorted(os.sched_getaffinity(0)))
-    assert applied.numa_node == 0 and applied.threads == 2
+@pytest.mark.parametrize(
+    "cpus, threads, affinity, applied_threads",
+    [
+        (None, None, {8, 9}, 2),  # one thread per planned CPU: one per CPU it falls back to, fewer
+        ([4, 5], None, set(range(16)), 16),  # ... or more
+        (None, 4, {8, 9}, 2),  # an explicit count the fallback CPUs cannot hold: one per CPU
+        ([4, 5], 1, set(range(16)), 1),  # an explicit count they can: kept
+    ],
+)
+def test_apply_failed_affinity_runs_threads_on_the_cpus_it_has(
+    sapphire_rapids, caplog, cpus, threads, affinity, applied_threads
+):
+    recorder = Recorder(affinity_error=PermissionError(errno.EPERM, "Operation not permitted"), affinity=affinity)
+    plan = plan_pinning(sapphire_rapids, cpus, 0 if cpus else 1, threads)
+    with caplog.at_level(logging.WARNING, logger="splitspec.topology"):
+        applied = recorder.apply(plan)
+    assert applied.cpus == tuple(sorted(affinity))
+    assert applied.numa_node == plan.numa_node and applied.threads == applied_threads
+    assert recorder.calls[-1] == ("threads", applied_threads)
+    assert os.environ["OMP_NUM_THREADS"] == str(applied_threads)
     assert applied.notes == [
-        f"CPU affinity 4-5 not applied ([Errno 1] Operation not permitted); "
-        f"running on {format_cpu_list(os.sched_getaffinity(0))}"
+        f"CPU affinity {format_cpu_list(plan.cpus)} not applied ([Errno 1] Operation not permitted); "
+        f"running on {format_cpu_list(affinity)} with {applied_threads} threads"
     ]
+    assert caplog.records[0].getMessage() == f"pinning: {applied.notes[0]}"
 
 
 # --- this machine, in a subprocess so the test process keeps its own affinity and policy -----------------------------
@@ -336,10 +430,52 @@ def test_apply_pinning_on_this_machine_with_real_setters():
         import os, torch
         from splitspec.topology import apply_pinning, plan_pinning, read_topology
         topology = read_topology()
-        applied = apply_pinning(plan_pinning(topology, topology.online_cpus[-1:], None, 1))
+        applied = apply_pinning(plan_pinning(topology, topology.allowed_cpus[-1:], None, 1))
         print(applied.cpus, sorted(os.sched_getaffinity(0)), torch.get_num_threads(), os.environ["OMP_NUM_THREADS"])
         """
     )
     assert result.returncode == 0, result.stderr
-    last = read_topology().online_cpus[-1]
+    last = read_topology().allowed_cpus[-1]
     assert result.stdout.split("\n")[0] == f"({last},) [{last}] 1 1"
+
+
+needs_two_cpus = pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2, reason="narrowing the affinity needs two CPUs to run on"
+)
+
+
+@needs_two_cpus
+def test_pinning_stays_inside_an_inherited_affinity_on_this_machine():
+    # What `taskset -c <last CPU>` does: the default plan pins to that CPU alone, with one thread.
+    result = run_python(
+        """
+        import os, torch
+        from splitspec.topology import apply_pinning, plan_pinning, read_topology
+        last = max(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {last})
+        applied = apply_pinning(plan_pinning(read_topology(), None, None, None))
+        print(last, applied.cpus, sorted(os.sched_getaffinity(0)), torch.get_num_threads(), applied.threads)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    last = max(os.sched_getaffinity(0))
+    assert result.stdout.split("\n")[0] == f"{last} ({last},) [{last}] 1 1"
+
+
+@needs_two_cpus
+def test_draft_server_refuses_cpus_outside_its_affinity(tmp_path):
+    first, last = min(os.sched_getaffinity(0)), max(os.sched_getaffinity(0))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    completed = subprocess.run(
+        [sys.executable, "-m", "draft_server", "--model", str(tmp_path / "never-loaded"), "--cpus", str(first)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        preexec_fn=lambda: os.sched_setaffinity(0, {last}),  # as `taskset -c <last>` would start it
+    )
+    assert completed.returncode == 2
+    assert (
+        f"splitspec-draft: error: --cpus: CPU(s) {first} are not allowed by this process's affinity "
+        f"(set by taskset, systemd's CPUAffinity= or a container's cpuset), which allows {last}"
+    ) in completed.stderr
