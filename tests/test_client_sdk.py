@@ -209,6 +209,20 @@ def test_wrong_python_type_raises_type_error_naming_the_field(prompt, params, fi
         build_generate_request(prompt, **params)
 
 
+@pytest.mark.parametrize(
+    ("prompt", "params", "field"),
+    [
+        ("x", {"seed": -1}, "seed"),
+        ("x", {"max_new_tokens": 2**31}, "max_new_tokens"),
+        ("\udcff", {}, "prompt"),  # a lone surrogate, as Python decodes a command-line argument that is not UTF-8
+        ("x", {"stop": ["\udcff"]}, "stop"),
+    ],
+)
+def test_what_the_message_cannot_hold_raises_value_error_naming_the_field(prompt, params, field):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        build_generate_request(prompt, **params)
+
+
 # --- blocking client ---
 
 
@@ -416,6 +430,54 @@ def test_cli_errors(fake, address, capsys, code, exit_code):
     assert main(["generate", "x", "--target", address, "--max-new-tokens", "0"]) == exit_code
     out, err = capsys.readouterr()
     assert err == f"error: {code.name}: max_new_tokens: must be >= 1, got 0\n"
+
+
+# No server listens at this address: each of these fails before any call.
+UNREACHABLE = "127.0.0.1:1"
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["generate", "x", "--seed", "-1"], "--seed"),
+        (["generate", "x", "--seed", str(2**64)], "--seed"),
+        (["generate", "x", "--max-new-tokens", "3000000000"], "--max-new-tokens"),
+        (["generate", "x", "--top-k", str(-(2**31) - 1)], "--top-k"),
+        (["loadtest", "--seed", "-1"], "--seed"),
+        (["loadtest", "--num-speculative-tokens", str(2**31)], "--num-speculative-tokens"),
+    ],
+)
+def test_cli_refuses_integers_the_request_cannot_carry(argv, option, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--target", UNREACHABLE])
+    assert exited.value.code == 2
+    errors_printed = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors_printed) == 1 and f"argument {option}: must be in [" in errors_printed[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "\udcff"], "error: prompt: 'utf-8' codec can't encode"),
+        (["loadtest", "--prompt", "x", "--prompt", "\udcff", "--total", "1"], "error: prompt: 'utf-8' codec"),
+        (["info", "--tls-ca", "/nonexistent/ca.pem"], "error: --tls-ca: [Errno 2]"),
+        (["info", "--tls-cert", "/nonexistent/client.pem"], "error: --tls-cert and --tls-key: give both or neither"),
+        (["info", "--token-file", "/nonexistent/token"], "error: --token-file: [Errno 2]"),
+    ],
+)
+def test_cli_argument_errors_found_before_any_call_exit_2(argv, message, capsys):
+    assert main([*argv, "--target", UNREACHABLE]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(message) and err.count("\n") == 1
+
+
+def test_cli_refuses_bad_arguments_in_one_line_without_a_traceback():
+    completed = subprocess.run(
+        [sys.executable, "-m", "splitspec_client", "generate", "x", "--seed", "-1", "--target", UNREACHABLE],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert completed.stderr.splitlines()[-1].endswith(f"error: argument --seed: must be in [0, {2**64 - 1}], got -1")
 
 
 def test_sdk_imports_neither_torch_nor_the_servers():

@@ -7,15 +7,20 @@ the images run is checked against a real server. No image is built here: base im
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import shutil
 import subprocess
 import sys
+from concurrent import futures
 
+import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health, health_pb2_grpc
 
+from certs import make_pki
 from draft_server.cli import build_parser as draft_parser
 from target_server.cli import build_parser as target_parser
 
@@ -137,9 +142,9 @@ def test_compose_pins_the_draft_and_gives_the_target_a_gpu():
     assert target_args.draft == [f"draft:{draft_entrypoint[draft_entrypoint.index('--port') + 1]}"]
 
 
-def run_probe(*args: str) -> subprocess.CompletedProcess:
+def run_probe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "splitspec_client.health", *args],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=env)
 
 
 def test_health_probe_reports_a_serving_server(target_related):
@@ -154,3 +159,56 @@ def test_health_probe_fails_when_nothing_listens():
     # Port 1 on loopback: nothing listens there, so the connection is refused at once.
     refused = run_probe("127.0.0.1:1", "--timeout", "5")
     assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("pki"), ["target", "prober"])
+
+
+@pytest.fixture
+def tls_health_server(pki, request):
+    """A health service answering SERVING over TLS with the certificate of "target" (valid for that name and
+    127.0.0.1); with request.param true, it also requires a client certificate (mutual TLS, as a draft server can)."""
+    cert, key = (pathlib.Path(path).read_bytes() for path in pki["target"])
+    mutual = request.param
+    credentials = grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=pathlib.Path(pki["ca"][0]).read_bytes() if mutual else None,
+        require_client_auth=mutual)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+@pytest.mark.parametrize("tls_health_server", [False], indirect=True)
+def test_health_probe_speaks_tls(tls_health_server, pki):
+    address, ca = tls_health_server, pki["ca"][0]
+    serving = run_probe(address, "--tls-ca", ca, "--tls-server-name", "target")
+    assert serving.returncode == 0 and serving.stdout.strip() == f"{address}: SERVING"
+    plaintext = run_probe(address, "--timeout", "5")
+    assert plaintext.returncode == 1 and "UNAVAILABLE" in plaintext.stderr
+    # The name is checked against the certificate: the option really replaces the address's host.
+    assert run_probe(address, "--tls-ca", ca, "--tls-server-name", "elsewhere", "--timeout", "5").returncode == 1
+    # A container's HEALTHCHECK gives only the address: the TLS settings come from its environment.
+    environment = {**os.environ, "SPLITSPEC_HEALTH_TLS_CA": ca, "SPLITSPEC_HEALTH_TLS_SERVER_NAME": "target"}
+    assert run_probe(address, env=environment).returncode == 0
+
+
+@pytest.mark.parametrize("tls_health_server", [True], indirect=True)
+def test_health_probe_presents_a_client_certificate(tls_health_server, pki):
+    address, ca = tls_health_server, pki["ca"][0]
+    cert, key = pki["prober"]
+    assert run_probe(address, "--tls-ca", ca, "--tls-cert", cert, "--tls-key", key).returncode == 0
+    without = run_probe(address, "--tls-ca", ca, "--timeout", "5")
+    assert without.returncode == 1 and "UNAVAILABLE" in without.stderr
+    environment = {**os.environ, "SPLITSPEC_HEALTH_TLS_CA": ca, "SPLITSPEC_HEALTH_TLS_CERT": cert,
+                   "SPLITSPEC_HEALTH_TLS_KEY": key}
+    assert run_probe(address, env=environment).returncode == 0
+
+
+def test_health_probe_reports_an_unreadable_tls_file():
+    unreadable = run_probe("127.0.0.1:1", "--tls-ca", "/nonexistent/ca.pem")
+    assert unreadable.returncode == 1 and "--tls-ca: [Errno 2]" in unreadable.stderr

@@ -48,6 +48,9 @@ def test_a_plan_must_end_by_itself():
         LoadPlan(prompts=("x",), params={})
     with pytest.raises(TypeError, match="stop"):
         LoadPlan(prompts=("x",), params={"stop": 3}, total=1)
+    # Every prompt is checked, not only the first: a worker would otherwise die on it.
+    with pytest.raises(ValueError, match="^prompt: "):
+        LoadPlan(prompts=("x", "\udcff"), params={}, total=2)
 
 
 def _loadtest(address: str, tmp_path, *args: str) -> tuple[int, dict]:

@@ -1,7 +1,8 @@
 """GenerateRequest from keyword arguments: the one place that knows the request's fields, for Client and AsyncClient.
 
 Ranges are not checked here: the server validates every field and answers INVALID_ARGUMENT naming it, so the
-rules live in one place. Only wrong Python types fail early, as TypeError naming the field.
+rules live in one place. Only what the message cannot hold fails early, naming the field: a wrong Python type as
+TypeError, an integer beyond the field's range or a string that is not valid text (a lone surrogate) as ValueError.
 """
 
 from __future__ import annotations
@@ -62,5 +63,7 @@ def _message(cls, **fields):
             # Merging a one-field message keeps proto3 presence: an optional field explicitly set to 0 stays set.
             message.MergeFrom(cls(**{name: value}))
         except (TypeError, ValueError) as err:
-            raise type(err)(f"{name}: {err}") from None
+            # TypeError or ValueError itself: a subclass such as UnicodeEncodeError (a lone surrogate in a string)
+            # takes other constructor arguments.
+            raise (TypeError if isinstance(err, TypeError) else ValueError)(f"{name}: {err}") from None
     return message

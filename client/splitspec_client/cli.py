@@ -4,9 +4,9 @@
     splitspec info --json
     splitspec loadtest --concurrency 8 --total 200 --stream --max-new-tokens 64 --json report.json
 
-Exit status: 0 on success, 2 when the server refuses the request as given (INVALID_ARGUMENT, FAILED_PRECONDITION:
-fix the arguments), 1 for any other failure (retrying may help). `loadtest` exits 1 when any of its requests failed
-(the status codes are in its report).
+Exit status: 0 on success, 2 for arguments to fix: refused here (a value the request cannot carry, an unreadable
+file) or by the server (INVALID_ARGUMENT, FAILED_PRECONDITION), 1 for any other failure (retrying may help).
+`loadtest` exits 1 when any of its requests failed (the status codes are in its report).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import grpc
 
 from . import loadtest
+from ._request import build_generate_request
+from ._tls import add_tls_options, channel_credentials
 from .client import Client
 from .errors import SplitspecError
 from .types import GenerationStats, TargetInfo
@@ -30,6 +32,13 @@ DEFAULT_TARGET = "localhost:50051"
 _REQUEST_ERROR_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
 DEFAULT_LOADTEST_PROMPT = "The quick brown fox"
 DEFAULT_LOADTEST_TOTAL = 100
+# What the request's integer fields carry (target.proto, common.proto); the server checks what the values mean.
+INT32 = (-(2**31), 2**31 - 1)
+UINT64 = (0, 2**64 - 1)
+
+
+class _ArgumentError(Exception):
+    """A bad argument found before any call: printed as `error: ...`, exit status 2."""
 
 
 def _connection_options(default_timeout: float | None) -> argparse.ArgumentParser:
@@ -48,11 +57,7 @@ def _connection_options(default_timeout: float | None) -> argparse.ArgumentParse
         metavar="SECONDS",
         help=f"deadline of each call (default: {default_timeout or 'none'})",
     )
-    connection.add_argument("--tls-ca", metavar="PEM", default=None,
-                            help="CA certificate of the server: connect with TLS (default: plaintext)")
-    connection.add_argument("--tls-cert", metavar="PEM", default=None,
-                            help="client certificate, for servers that require mutual TLS (with --tls-key)")
-    connection.add_argument("--tls-key", metavar="PEM", default=None, help="private key of --tls-cert")
+    add_tls_options(connection)
     connection.add_argument("--token-file", metavar="FILE", default=os.environ.get("SPLITSPEC_TOKEN_FILE"),
                             help="file holding the bearer token the server requires "
                                  "(default: $SPLITSPEC_TOKEN_FILE)")
@@ -60,13 +65,17 @@ def _connection_options(default_timeout: float | None) -> argparse.ArgumentParse
 
 
 def _connect(args: argparse.Namespace) -> Client:
-    credentials = None
-    if args.tls_ca:
-        read = lambda path: pathlib.Path(path).read_bytes() if path else None  # noqa: E731
-        credentials = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
+    try:
+        credentials = channel_credentials(args)
+    except ValueError as err:
+        raise _ArgumentError(err) from None
     metadata = ()
     if args.token_file:
-        metadata = (("authorization", f"Bearer {pathlib.Path(args.token_file).read_text().strip()}"),)
+        try:
+            token = pathlib.Path(args.token_file).read_text().strip()
+        except OSError as err:
+            raise _ArgumentError(f"--token-file: {err}") from None
+        metadata = (("authorization", f"Bearer {token}"),)
     return Client(args.target, timeout=args.timeout, credentials=credentials, metadata=metadata)
 
 
@@ -75,11 +84,17 @@ def _add_generation_params(parser: argparse.ArgumentParser) -> list[str]:
     that the SDK's defaults apply: those are defined in one place."""
     params = parser.add_argument_group("generation parameters")
     param_actions = [
-        params.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens to generate at most (default: 64)"),
+        params.add_argument(
+            "--max-new-tokens", type=_integer(*INT32), metavar="N", help="tokens to generate at most (default: 64)"
+        ),
         params.add_argument("--temperature", type=float, metavar="T", help="0 decodes greedily (default: 0)"),
         params.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass in (0, 1] (default: 1)"),
-        params.add_argument("--top-k", type=int, metavar="K", help="keep the K likeliest tokens, 0 all (default: 0)"),
-        params.add_argument("--seed", type=int, metavar="S", help="seed for reproducible sampling (default: random)"),
+        params.add_argument(
+            "--top-k", type=_integer(*INT32), metavar="K", help="keep the K likeliest tokens, 0 all (default: 0)"
+        ),
+        params.add_argument(
+            "--seed", type=_integer(*UINT64), metavar="S", help="seed for reproducible sampling (default: random)"
+        ),
         params.add_argument(
             "--stop", action="append", metavar="STR", help="stop when the text contains STR (repeatable)"
         ),
@@ -88,7 +103,7 @@ def _add_generation_params(parser: argparse.ArgumentParser) -> list[str]:
         ),
         params.add_argument(
             "--num-speculative-tokens",
-            type=int,
+            type=_integer(*INT32),
             metavar="K",
             help="draft tokens per verification round; 0 turns speculation off (default: the server's)",
         ),
@@ -190,11 +205,25 @@ def _positive(kind):
     return parse
 
 
+def _integer(low: int, high: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with _connect(args) as client:
             return args.run(client, args)
+    except _ArgumentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except SplitspecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if err.code in _REQUEST_ERROR_CODES else 1
@@ -209,6 +238,11 @@ def _params(args: argparse.Namespace) -> dict:
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
     params = _params(args)
+    try:
+        # Built once before the call: what the SDK refuses (a prompt that is not valid text) is an argument error.
+        build_generate_request(args.prompt, **params)
+    except (TypeError, ValueError) as err:
+        raise _ArgumentError(err) from None
     finish_reason, stats = None, None
     if args.json or args.no_stream:
         result = client.generate(args.prompt, **params)
@@ -272,23 +306,25 @@ def _loadtest(client: Client, args: argparse.Namespace) -> int:
         try:
             with open(args.prompt_file, encoding="utf-8") as lines:
                 from_file = [line.rstrip("\n") for line in lines if line.strip()]
-        except OSError as err:
-            print(f"error: --prompt-file: {err}", file=sys.stderr)
-            return 2
+        except (OSError, UnicodeDecodeError) as err:
+            raise _ArgumentError(f"--prompt-file: {err}") from None
         if not from_file:
-            print(f"error: --prompt-file: no prompts in {args.prompt_file}", file=sys.stderr)
-            return 2
+            raise _ArgumentError(f"--prompt-file: no prompts in {args.prompt_file}")
         prompts += from_file
     total = args.total if args.total is not None or args.duration is not None else DEFAULT_LOADTEST_TOTAL
-    plan = loadtest.LoadPlan(
-        prompts=tuple(prompts or [DEFAULT_LOADTEST_PROMPT]),
-        params=_params(args),
-        concurrency=args.concurrency,
-        total=total,
-        duration_s=args.duration,
-        rate=args.rate,
-        stream=args.stream,
-    )
+    try:
+        # The plan builds a request from each prompt: what the SDK refuses is an argument error.
+        plan = loadtest.LoadPlan(
+            prompts=tuple(prompts or [DEFAULT_LOADTEST_PROMPT]),
+            params=_params(args),
+            concurrency=args.concurrency,
+            total=total,
+            duration_s=args.duration,
+            rate=args.rate,
+            stream=args.stream,
+        )
+    except (TypeError, ValueError) as err:
+        raise _ArgumentError(err) from None
     progress = _ProgressLine(sys.stderr, total)
     report = loadtest.LoadRun(client, plan).run(on_progress=progress.update)
     progress.close()

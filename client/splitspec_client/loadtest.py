@@ -47,8 +47,9 @@ class LoadPlan:
             raise ValueError("give exactly one of total and duration_s: the run must end by itself")
         if not self.prompts:
             raise ValueError("prompts: give at least one prompt")
-        # Wrong parameter types fail here, once, rather than in every worker.
-        build_generate_request(self.prompts[0], **self.params)
+        # Wrong parameters, or a prompt that is not valid text, fail here, once, rather than in the workers.
+        for prompt in self.prompts:
+            build_generate_request(prompt, **self.params)
 
 
 @dataclasses.dataclass(frozen=True)
