@@ -65,6 +65,10 @@ class DraftLink:
     def address(self) -> str:
         return self.endpoint.address
 
+    def block_size(self, num_tokens: int) -> int:
+        """`num_tokens` capped at the most this draft drafts per block (the target may allow more)."""
+        return min(num_tokens, self.endpoint.max_num_speculative_tokens)
+
     async def next_block(self, timeout_s: float) -> CandidateBlock:
         try:
             response = await _within(self._call.read(), timeout_s)
@@ -147,8 +151,11 @@ class DraftPool:
             await self._probe(endpoint)
 
     def report_failure(self, endpoint: DraftEndpoint, reason: str) -> None:
-        """A session on `endpoint` failed: stop sending it sessions until a probe says it is back."""
-        self._set_state(endpoint, False, reason)
+        """A session on `endpoint` failed: stop sending it sessions until a probe says it is back. The sessions
+        that were open on it fail too, but only probes count towards the back-off: one failure that ends many
+        sessions at once must not delay the draft's return by the longest back-off."""
+        if endpoint.connected:
+            self._set_state(endpoint, False, reason)
 
     async def _probe(self, endpoint: DraftEndpoint) -> None:
         try:
@@ -183,13 +190,12 @@ class DraftPool:
         if not any(e.connected for e in self.endpoints):
             return "no draft server connected: " + "; ".join(f"{e.address}: {e.error}" for e in self.endpoints)
         if not any(self._fits(e, start, total_tokens) for e in self.endpoints if e.connected):
-            return "no connected draft server fits the request (draft context or block size)"
+            return "no connected draft server fits the request (the draft's context is shorter)"
         return None
 
     @staticmethod
     def _fits(endpoint: DraftEndpoint, start: SessionStart, total_tokens: int) -> bool:
-        return (total_tokens <= endpoint.max_context_tokens
-                and start.num_speculative_tokens <= endpoint.max_num_speculative_tokens)
+        return total_tokens <= endpoint.max_context_tokens
 
     async def open(self, start: SessionStart, total_tokens: int) -> DraftLink:
         """Open a session on the least busy connected draft that fits it; raises DraftLinkError when none can."""
@@ -204,8 +210,9 @@ class DraftPool:
         endpoint.sessions_opened += 1
         link = DraftLink(endpoint, call)
         try:
-            await link.send_start(start)
-        except DraftLinkError:
+            await link.send_start(dataclasses.replace(
+                start, num_speculative_tokens=link.block_size(start.num_speculative_tokens)))
+        except BaseException:  # a DraftLinkError, or the request cancelled meanwhile: the caller gets no link
             await link.close(cancel=True)
             raise
         return link

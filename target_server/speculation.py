@@ -131,7 +131,7 @@ class Speculation:
             accepted_len=verification.accepted_len,
             next_token_id=verification.next_token_id,
             rollback_to=block.start_position + verification.accepted_len,
-            num_speculative_tokens=next_num_tokens,
+            num_speculative_tokens=self.link.block_size(next_num_tokens),
             num_verified_tokens=len(block.token_ids),
         )
         try:

@@ -5,7 +5,7 @@ import torch
 from splitspec_client import Client
 
 from scrape import METRICS_FLAGS, metric, scrape
-from servers import start_target
+from servers import start_draft, start_target
 from target_server.block_size import (
     SCHEDULES,
     BlockSizer,
@@ -70,6 +70,23 @@ def test_adaptive_and_backoff_stay_lossless(model_dirs, log_dir, reference, unre
         assert drafts and drafted / drafts < 6
     finally:
         assert target.stop() == 0
+
+
+def test_a_draft_with_a_smaller_block_limit_drafts_capped_blocks(model_dirs, log_dir, reference):
+    """The target allows blocks of 16, its draft 2: a request for 6 speculates with blocks of 2 (it used to find no
+    draft that fits and decode alone; a verdict asking for more than 2 would have failed the draft)."""
+    draft = start_draft(model_dirs["target"], log_dir, "draft-max-2", "--max-num-speculative-tokens", "2")
+    target = start_target(model_dirs["target"], log_dir, "target-over-draft-max", [draft.address])
+    try:
+        with Client(target.address, timeout=120) as client:
+            result = client.generate("The quick brown fox", max_new_tokens=24, ignore_eos=True,
+                                     num_speculative_tokens=6)
+        assert list(result.token_ids) == reference("The quick brown fox", 24)
+        assert not result.stats.fallback_reason and result.stats.num_drafts > 1
+        assert result.stats.num_draft_tokens == 2 * result.stats.num_drafts
+    finally:
+        assert target.stop() == 0
+        assert draft.stop() == 0
 
 
 MS = 1_000_000
@@ -373,6 +390,9 @@ def test_a_verdict_on_a_cut_block_says_how_many_tokens_were_verified():
     class RecordingLink:
         def __init__(self):
             self.verdicts = []
+
+        def block_size(self, num_tokens):
+            return num_tokens
 
         async def send_verdict(self, verdict):
             self.verdicts.append(verdict)

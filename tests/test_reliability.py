@@ -1,5 +1,6 @@
 """Fault injection with real processes: the draft half is an optimisation, its failure never fails a request."""
 
+import asyncio
 import concurrent.futures
 import signal
 import socket
@@ -221,3 +222,70 @@ def test_goodput_sessions_switching_speculation_off_and_on_leak_nothing(model_di
     finally:
         assert target.stop() == 0
         assert draft.stop() == 0
+
+
+def _pool_with_one_connected_draft():
+    """A DraftPool whose one endpoint is marked connected, its stub replaced by `_StuckStub`: the session's first
+    write never completes (a draft host gone silent mid-connect)."""
+    from splitspec.models import Vocabulary
+    from target_server.draft_pool import DraftPool
+
+    vocabulary = Vocabulary(vocab_size=384, eos_token_ids=(0,), bos_token_id=-1, pad_token_id=-1,
+                            tokenizer_fingerprint="")
+    pool = DraftPool(["127.0.0.1:1"], vocabulary, probe_interval_s=1.0, max_backoff_s=30.0)
+    endpoint = pool.endpoints[0]
+    endpoint.stub, endpoint.connected, endpoint.error = _StuckStub(), True, ""
+    endpoint.max_context_tokens, endpoint.max_num_speculative_tokens = 512, 16
+    return pool, endpoint, vocabulary
+
+
+class _StuckCall:
+    def __init__(self):
+        self.cancelled = False
+
+    async def write(self, request):
+        await asyncio.sleep(3600)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _StuckStub:
+    def __init__(self):
+        self.calls = []
+
+    def Speculate(self, metadata=None):
+        self.calls.append(_StuckCall())
+        return self.calls[-1]
+
+
+def test_a_request_cancelled_while_its_draft_session_opens_leaves_no_session_counted():
+    from splitspec.protocol import SessionStart
+    from splitspec.sampling import SamplingParams
+
+    async def scenario():
+        pool, endpoint, vocabulary = _pool_with_one_connected_draft()
+        start = SessionStart([1, 2, 3], SamplingParams(), 4, vocabulary, "cancelled", True)
+        opening = asyncio.create_task(pool.open(start, 100))
+        await asyncio.sleep(0.05)
+        opening.cancel()  # the client's deadline reaches the request while the start message is being sent
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        await pool.close()
+        return endpoint
+
+    endpoint = asyncio.run(scenario())
+    assert endpoint.live_sessions == 0 and endpoint.stub.calls[0].cancelled
+
+
+def test_sessions_failing_together_count_once_towards_the_probe_back_off():
+    async def scenario():
+        pool, endpoint, _ = _pool_with_one_connected_draft()
+        for _ in range(6):  # six sessions on the draft fail at once
+            pool.report_failure(endpoint, "stream broken")
+        await pool.close()
+        return pool, endpoint
+
+    pool, endpoint = asyncio.run(scenario())
+    assert not endpoint.connected and endpoint.consecutive_failures == 1
+    assert pool._next_probe_delay(endpoint) == 2.0  # the first probe after 2 s, not the 30 s maximum
