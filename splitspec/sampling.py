@@ -18,6 +18,11 @@ import torch
 from splitspec.errors import InvalidArgument
 
 
+# Temperatures in (0, MIN_TEMPERATURE) sample at MIN_TEMPERATURE (vLLM's _MAX_TEMP clamp): logits divided by
+# a tinier one overflow float32 to inf, and the softmax of infs is NaN.
+MIN_TEMPERATURE = 0.01
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How the next token is chosen; mirrors `splitspec.v1.SamplingParams`."""
@@ -51,7 +56,7 @@ def logits_to_probs(
         raise ValueError("logits_to_probs needs temperature > 0; greedy decoding takes the argmax of the logits")
     # generate() casts logits to float32 before the warpers; doing the same makes a bf16 draft and an fp16 target
     # agree on the filtering thresholds.
-    scores = logits.float() / params.temperature
+    scores = logits.float() / max(params.temperature, MIN_TEMPERATURE)
 
     if params.top_k > 0:
         top_k = min(params.top_k, scores.size(-1))

@@ -13,6 +13,7 @@ from transformers.generation.logits_process import (
 
 from splitspec.errors import InvalidArgument
 from splitspec.sampling import (
+    MIN_TEMPERATURE,
     SamplingParams,
     densify,
     logits_to_probs,
@@ -68,6 +69,16 @@ def test_logits_to_probs_filters_tokens():
     # softmax([4, 3, 2, 1, 0]) ~ [0.64, 0.24, 0.09, ...]: top_p = 0.85 needs the first two, 0.9 the first three.
     assert torch.count_nonzero(logits_to_probs(logits, SamplingParams(temperature=1.0, top_p=0.85))) == 2
     assert torch.count_nonzero(logits_to_probs(logits, SamplingParams(temperature=1.0, top_p=0.9))) == 3
+
+
+def test_a_tiny_temperature_samples_at_the_minimum_instead_of_overflowing():
+    logits = torch.tensor([[40.0, 39.0, -5.0], [3.0, 3.0, 1.0]])  # [2, vocab_size]
+    at_minimum = logits_to_probs(logits, SamplingParams(temperature=MIN_TEMPERATURE))
+    for temperature in (1e-40, 1e-30, 1e-3):
+        probs = logits_to_probs(logits, SamplingParams(temperature=temperature))
+        assert torch.isfinite(probs).all()
+        torch.testing.assert_close(probs, at_minimum, rtol=0, atol=0)
+    torch.testing.assert_close(at_minimum[1], torch.tensor([0.5, 0.5, 0.0]))  # ties keep their mass, no NaN
 
 
 def test_logits_to_probs_refuses_greedy():

@@ -35,3 +35,10 @@ def test_first_sampled_token_follows_the_target_distribution(target_related, ref
     expected = [float(p[t]) * DRAWS for t in support]
     assert stats.chisquare(observed, expected).pvalue > 1e-3, (observed, expected)
     assert drafted == DRAWS and 0 < accepted < DRAWS  # the draft was used, and it was sometimes rejected
+
+
+def test_a_tiny_temperature_samples_instead_of_failing(target_related, reference):
+    """1e-40 is a valid temperature (finite, > 0): it samples at 0.01, nearly greedily, on both halves."""
+    with Client(target_related.address, timeout=60) as client:
+        result = client.generate(PROMPT, max_new_tokens=16, ignore_eos=True, temperature=1e-40, seed=3)
+    assert len(result.token_ids) == 16 and not result.stats.fallback_reason and result.stats.num_drafts > 0
