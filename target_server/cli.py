@@ -124,7 +124,7 @@ async def _serve(args, device, dtype) -> int:
     from target_server.block_size import measure_verify_profile
     from target_server.draft_pool import DraftPool
     from target_server.engine import TargetEngine
-    from target_server.request import Limits
+    from target_server.request import Limits, max_prompt_chars
     from target_server.servicer import TargetServicer
 
     if args.threads:
@@ -170,6 +170,7 @@ async def _serve(args, device, dtype) -> int:
         max_input_tokens=args.max_input_tokens,
         max_total_tokens=args.max_total_tokens,
         max_stop_sequences=args.max_stop_sequences,
+        max_prompt_chars=max_prompt_chars(tokenizer, models.max_context_tokens(model)),
     )
     servicer = TargetServicer(engine, limits, args.model, str(dtype).removeprefix("torch."))
     server.add_service("splitspec.v1.TargetService", servicer)

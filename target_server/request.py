@@ -28,6 +28,18 @@ class Limits:
     max_input_tokens: int | None = None
     max_total_tokens: int | None = None  # prompt + max_new_tokens
     max_stop_sequences: int = 16
+    # A prompt text longer than this cannot fit the model's context (`max_prompt_chars`); it is refused before it is
+    # tokenized, which takes seconds for megabytes. None: no such bound.
+    max_prompt_chars: int | None = None
+
+
+def max_prompt_chars(tokenizer, max_context_tokens: int) -> int | None:
+    """The most characters a prompt can have and still fit `max_context_tokens`: no token covers more characters
+    than the longest entry of the tokenizer's vocabulary (byte-level entries spell each byte as a character, so
+    this holds for any text). None when the tokenizer lists no vocabulary."""
+    vocabulary = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    longest = max(map(len, vocabulary), default=0)
+    return longest * max_context_tokens if longest else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +58,13 @@ def from_pb(message: target_pb2.GenerateRequest, tokenizer, limits: Limits) -> G
     if message.prompt and message.prompt_token_ids:
         raise InvalidArgument("prompt", "set either prompt or prompt_token_ids, not both")
     if message.prompt:
-        prompt_token_ids = tokenizer.encode(message.prompt)
+        prompt = message.prompt
+        if limits.max_prompt_chars is not None and len(prompt) > limits.max_prompt_chars:
+            raise InvalidArgument(
+                "prompt", f"{len(prompt)} characters cannot fit the model's context of {limits.max_context_tokens} "
+                          f"tokens (a prompt has at most {limits.max_prompt_chars} characters here)"
+            )
+        prompt_token_ids = tokenizer.encode(prompt)
         if not prompt_token_ids:
             raise InvalidArgument("prompt", "tokenizes to no tokens")
     elif message.prompt_token_ids:

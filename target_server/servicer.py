@@ -1,5 +1,7 @@
 """TargetService: message -> domain object -> engine call -> message."""
 
+import asyncio
+import concurrent.futures
 import dataclasses
 
 from splitspec_client.v1 import target_pb2, target_pb2_grpc
@@ -7,6 +9,10 @@ from splitspec_client.v1 import target_pb2, target_pb2_grpc
 from splitspec import wire
 from target_server import request as request_types
 from target_server.engine import GenerationStats, TargetEngine
+
+# Prompts longer than this are tokenized off the event loop (HF tokenizers release the GIL), so that other streams
+# go on meanwhile: a megabyte takes about a second.
+TOKENIZE_INLINE_CHARS = 1024
 
 FINISH_REASON_TO_PB = {
     "length": target_pb2.FINISH_REASON_LENGTH,
@@ -43,13 +49,17 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         self.limits = limits
         self.model = model
         self.dtype = dtype
+        self._tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
-    def _request(self, message):
-        return request_types.from_pb(message, self.engine.tokenizer, self.limits)
+    async def _request(self, message) -> request_types.GenerationRequest:
+        if len(message.prompt) <= TOKENIZE_INLINE_CHARS:
+            return request_types.from_pb(message, self.engine.tokenizer, self.limits)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenizing, request_types.from_pb, message, self.engine.tokenizer, self.limits)
 
     async def Generate(self, message, context):
         response = target_pb2.GenerateResponse()
-        async for update in self.engine.generate(self._request(message)):
+        async for update in self.engine.generate(await self._request(message)):
             response.token_ids.extend(update.token_ids)
             response.text += update.text
             if update.finish_reason is not None:
@@ -58,7 +68,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         return response
 
     async def GenerateStream(self, message, context):
-        async for update in self.engine.generate(self._request(message)):
+        async for update in self.engine.generate(await self._request(message)):
             chunk = target_pb2.GenerateStreamResponse(token_ids=update.token_ids, text=update.text)
             if update.round_timing is not None:
                 chunk.round_timing.CopyFrom(target_pb2.RoundTiming(**dataclasses.asdict(update.round_timing)))

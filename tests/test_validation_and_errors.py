@@ -48,6 +48,17 @@ def test_invalid_field_is_invalid_argument_naming_it(target_unrelated, field, fi
         assert len(ok.token_ids) >= 1
 
 
+def test_long_prompts_are_tokenized_off_the_event_loop_and_refused_by_length_first(target_unrelated, reference):
+    long_prompt = "the " * 300  # 1200 characters, 302 tokens: tokenized on the servicer's tokenizing thread
+    with Client(target_unrelated.address, timeout=60) as client:
+        result = client.generate(long_prompt, max_new_tokens=8, ignore_eos=True)
+        assert list(result.token_ids) == reference(long_prompt, 8)
+        # 2 MB cannot fit 512 tokens of at most 20 characters each: refused before tokenizing (seconds of CPU).
+        with pytest.raises(InvalidArgumentError, match="2000000 characters cannot fit the model's context"):
+            client.generate("x" * 2_000_000, max_new_tokens=8)
+        assert client.generate("hi", max_new_tokens=3).stats.generated_tokens >= 1
+
+
 def test_sdk_raises_typed_error_with_the_servers_message(target_unrelated):
     with Client(target_unrelated.address, timeout=30) as client:
         with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
