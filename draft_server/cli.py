@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -45,16 +46,55 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Shut down when standard input reaches end of file. A parent process that starts this "
                              "server as its worker (splitspec.LLM) holds the other end, so the server never outlives "
                              "it, even when the parent is killed.")
+    parser.add_argument("--remove-when-stdin-closes", metavar="DIR", default=None,
+                        help="With --exit-when-stdin-closes and a unix:// --host whose socket is directly in DIR: "
+                             "remove the socket and DIR (left empty) at end of standard input. splitspec.LLM makes DIR "
+                             "for its worker and removes it on close; this cleans up after a parent that was killed.")
     return parser
 
 
-def _exit_when_stdin_closes() -> None:
-    """SIGTERM ourselves at end of input: the usual graceful shutdown, or the default exit before it is set up."""
+def _unix_socket_path(host: str) -> str | None:
+    """The path of a unix:PATH or unix://PATH address; None for any other address."""
+    if not host.startswith("unix:"):
+        return None
+    path = host.removeprefix("unix:")
+    return path[2:] if path.startswith("//") else path
+
+
+def _owned_socket(args) -> str:
+    """The socket in --remove-when-stdin-closes DIR; ValueError unless the flags name one socket directly in DIR."""
+    socket = _unix_socket_path(args.host)
+    if not args.exit_when_stdin_closes or socket is None or (
+        os.path.dirname(os.path.abspath(socket)) != os.path.abspath(args.remove_when_stdin_closes)
+    ):
+        raise ValueError("--remove-when-stdin-closes DIR needs --exit-when-stdin-closes and a --host unix:// socket "
+                         "directly in DIR")
+    return os.path.abspath(socket)
+
+
+def _remove_socket_directory(socket: str) -> None:
+    """Remove the socket, then its directory if that is left empty: never a tree, in case DIR holds more than the
+    parent made it for."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket)
+    try:
+        os.rmdir(os.path.dirname(socket))
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove the socket's directory: %s", exc)
+
+
+def _exit_when_stdin_closes(owned_socket: str | None) -> None:
+    """SIGTERM ourselves at end of input: the usual graceful shutdown, or the default exit before it is set up.
+    With `owned_socket`, remove it and its directory first: the parent that made them is gone."""
 
     def watch():
         # The raw descriptor, not sys.stdin: a daemon thread blocked on a buffered reader aborts interpreter shutdown.
         while os.read(0, 4096):
             pass
+        if owned_socket is not None:
+            _remove_socket_directory(owned_socket)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
@@ -65,8 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     from splitspec.grpc_server import configure_logging
 
     configure_logging(args.log_level, args.log_format)
+    owned_socket = None
+    if args.remove_when_stdin_closes is not None:
+        try:
+            owned_socket = _owned_socket(args)
+        except ValueError as exc:
+            print(f"splitspec-draft: error: {exc}", file=sys.stderr)
+            return 2
     if args.exit_when_stdin_closes:
-        _exit_when_stdin_closes()
+        _exit_when_stdin_closes(owned_socket)
     from splitspec import topology
     from splitspec.server_cli import batching_flags_problem
 

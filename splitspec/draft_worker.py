@@ -4,6 +4,8 @@ Either way the target reaches it through the draft protocol over a Unix domain s
 remote draft server; only the address differs.
 """
 
+import contextlib
+import functools
 import logging
 import os
 import pathlib
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,7 +37,9 @@ class DraftWorkerProcess:
 
     The child runs in its own session, so a Ctrl-C at the terminal reaches only this process, which then stops the
     child in order (`stop`); and it holds the read end of a pipe from this process, so it exits when this process
-    dies in any way, a SIGKILL included (`--exit-when-stdin-closes`).
+    dies in any way, a SIGKILL included (`--exit-when-stdin-closes`), and then removes the socket's directory
+    (`--remove-when-stdin-closes`). Forks of this process (a multiprocessing or DataLoader worker) close their copy
+    of the pipe's write end, which would otherwise keep the child serving after this process is killed.
     """
 
     def __init__(self, model: str, num_speculative_tokens: int, cpus: list[int] | None, numa_node: int | None):
@@ -42,7 +47,7 @@ class DraftWorkerProcess:
         self.address = unix_socket_address(self.directory, "draft")
         command = [sys.executable, "-m", "draft_server", "--model", model, "--host", self.address,
                    "--max-num-speculative-tokens", str(num_speculative_tokens), "--exit-when-stdin-closes",
-                   "--log-level", "warning"]
+                   "--remove-when-stdin-closes", self.directory, "--log-level", "warning"]
         if cpus:
             command += ["--cpus", format_cpu_list(cpus)]
         if numa_node is not None:
@@ -51,6 +56,8 @@ class DraftWorkerProcess:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_SOURCE_ROOT), env.get("PYTHONPATH")]))
         # Output goes to this process's stdout/stderr: the draft logs only warnings and errors.
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, env=env, start_new_session=True)
+        # A fork hook cannot be unregistered: it holds this object weakly and does nothing once it is gone.
+        os.register_at_fork(after_in_child=functools.partial(_close_pipe_in_fork, weakref.ref(self)))
         log.info("draft worker pid %d starting on %s", self.process.pid, self.address)
 
     @property
@@ -89,6 +96,13 @@ class DraftWorkerProcess:
             self.process.stdin.close()
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _close_pipe_in_fork(worker_ref: "weakref.ref[DraftWorkerProcess]") -> None:
+    worker = worker_ref()
+    if worker is not None:
+        with contextlib.suppress(OSError):
+            worker.process.stdin.close()
 
 
 class InProcessDraft:

@@ -12,7 +12,9 @@ How it runs:
   concurrently, up to `max_num_seqs` at a time: their forward passes take turns on the target's model thread
   (they are not batched), and drafting overlaps verification.
 - `close()`, leaving a `with` block (an exception included), garbage collection and interpreter exit all stop the
-  draft child and the loop. The child also exits by itself when this process dies, SIGKILL included.
+  draft child and the loop. The child also exits by itself when this process dies, SIGKILL included, even while a
+  fork of this process lives on. A fork (multiprocessing, DataLoader workers) cannot use the LLM, and its exit
+  leaves the LLM alone.
 """
 
 import asyncio
@@ -21,7 +23,9 @@ import difflib
 import inspect
 import itertools
 import logging
+import os
 import random
+import sys
 import threading
 import time
 import warnings
@@ -29,9 +33,11 @@ import weakref
 from typing import TYPE_CHECKING
 
 from splitspec.draft_worker import DraftWorkerProcess, InProcessDraft
-from splitspec.llm_types import CompletionOutput, RequestMetrics, RequestOutput, SamplingParams
+from splitspec.llm_types import CompletionOutput, RequestMetrics, RequestOutput, SamplingParams, parse_prompts
 
 if TYPE_CHECKING:
+    import torch
+
     from target_server.request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -63,6 +69,7 @@ class _Runtime:
     that is dropped gets collected, and its finalizer (`close`) runs."""
 
     def __init__(self):
+        self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="splitspec-llm", daemon=True)
         self.thread.start()
@@ -91,7 +98,11 @@ class _Runtime:
         await asyncio.gather(*others, return_exceptions=True)
 
     def close(self) -> None:
-        """Release everything; a step that fails is logged and the next ones still run."""
+        """Release everything; a step that fails is logged and the next ones still run. In a fork of the process that
+        made it (whose exit runs the finalizer too), nothing: the loop thread is not there, the draft worker and its
+        socket directory are the parent's."""
+        if os.getpid() != self.pid:
+            return
 
         def close_on_loop():
             if self.loop.is_running():
@@ -171,13 +182,14 @@ class LLM:
     num_speculative_tokens_schedule: "constant" (default), "heuristic" or "goodput", as the target server's
     --num-speculative-tokens-schedule (goodput profiles the target's forwards when the LLM starts).
     device: "auto" (CUDA when present, else the CPU), "cpu", "cuda", "cuda:N". dtype: "auto" (bfloat16 or float16
-    on a GPU, float32 on the CPU), "float32", "bfloat16", "float16". seed: seeds the requests whose SamplingParams
-    have none, in order (None: fresh randomness). max_num_seqs: most prompts in flight at once.
+    on a GPU, float32 on the CPU), "float32" ("float"), "bfloat16", "float16" ("half"), or the torch dtype. seed:
+    seeds the requests whose SamplingParams have none, in order (None: fresh randomness). max_num_seqs: most prompts
+    in flight at once.
     Other vLLM arguments are accepted and ignored with a warning; an unknown one raises TypeError.
     """
 
     def __init__(self, model: str, speculative_model: str | None = None, num_speculative_tokens: int | None = None,
-                 cpu_draft_worker: bool = False, tokenizer: str | None = None, dtype: str = "auto",
+                 cpu_draft_worker: bool = False, tokenizer: str | None = None, dtype: "str | torch.dtype" = "auto",
                  device: str = "auto", seed: int | None = 0, draft_cpus: str | list[int] | None = None,
                  draft_numa_node: int | None = None, max_num_seqs: int = 8, speculative_config: dict | None = None,
                  num_speculative_tokens_schedule: str = "constant", **vllm_args):
@@ -222,6 +234,7 @@ class LLM:
                draft_numa_node: int | None) -> None:
         from splitspec import models
         from splitspec.server_cli import build_runner
+        from target_server.admission import Admission
         from target_server.block_size import measure_verify_profile
         from target_server.cli import build_parser
         from target_server.draft_pool import DraftPool
@@ -256,8 +269,11 @@ class LLM:
         # Without a draft every round is target-only, whatever the schedule.
         schedule = self.num_speculative_tokens_schedule if runtime.draft else "constant"
         verify_profile = measure_verify_profile(runner, k + 1) if schedule == "goodput" else None
+        # generate() sends at most max_num_seqs requests at once; the engine runs as many and queues, rather than
+        # refuses, any beyond them (another thread's generate(), a batch that a Ctrl-C cancelled still unwinding).
+        admission = Admission(max_running=self.max_num_seqs, max_waiting=sys.maxsize)
         runtime.engine = TargetEngine(runner, self.tokenizer, vocabulary, runtime.pool,
-                                      defaults.get_default("draft_timeout"),
+                                      defaults.get_default("draft_timeout"), admission=admission,
                                       num_speculative_tokens_schedule=schedule, verify_profile=verify_profile,
                                       max_batch_size=defaults.get_default("max_num_seqs"),
                                       max_batch_tokens=defaults.get_default("max_num_batched_tokens"),
@@ -291,9 +307,14 @@ class LLM:
         prompts or one per prompt; None means SamplingParams() (vLLM's defaults). `use_tqdm` is accepted, unused."""
         if not self._finalizer.alive:
             raise RuntimeError("this LLM is closed")
-        prompts = _prompt_list(prompts)
+        if os.getpid() != self._runtime.pid:
+            raise RuntimeError(f"this LLM belongs to process {self._runtime.pid}: a forked process cannot use it")
+        prompts = parse_prompts(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        elif not isinstance(sampling_params, (list, tuple)):
+            raise TypeError("sampling_params: expected a SamplingParams, a list of them (one per prompt) or None, got "
+                            f"{type(sampling_params).__name__}")
         if len(sampling_params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(sampling_params)} sampling_params: give one for all "
                              "prompts or one per prompt")
@@ -314,11 +335,15 @@ class LLM:
             raise TypeError(f"sampling_params[{index}]: expected splitspec.SamplingParams, got {type(params).__name__}")
         if token_ids is None:
             token_ids = self.tokenizer.encode(text)
+        elif bad := [t for t in token_ids if not 0 <= t < self._limits.vocab_size]:
+            # Before from_pb checks it: an id past int32 fails in building the message, in protobuf's words.
+            raise ValueError(f"prompt {index}: token ids must be in [0, {self._limits.vocab_size}), got {bad[:5]}")
         # Per request, so that a batch's outputs do not depend on how its requests interleave.
         seed = params.seed if params.seed is not None or self._seeds is None else self._seeds.getrandbits(63)
+        # A top_k past the vocabulary keeps all tokens, as in vLLM (and the wire's top_k is an int32).
+        top_k = min(max(params.top_k, 0), self._limits.vocab_size)
         sampling = (EngineSampling(seed=seed) if params.greedy else
-                    EngineSampling(temperature=params.temperature, top_k=max(params.top_k, 0), top_p=params.top_p,
-                                   seed=seed))
+                    EngineSampling(temperature=params.temperature, top_k=top_k, top_p=params.top_p, seed=seed))
         # As in vLLM, generation ends at the model's context: max_tokens is capped to what is left of it.
         room = self._limits.max_context_tokens - len(token_ids)
         max_new_tokens = max(1, room if params.max_tokens is None else min(params.max_tokens, room))
@@ -383,27 +408,3 @@ class LLM:
         generated = self.tokenizer.decode(context + token_ids, skip_special_tokens=True)[len(context_text):]
         hits = [(generated.find(stop), i, stop) for i, stop in enumerate(prepared.request.stop) if stop in generated]
         return min(hits)[2] if hits else None
-
-
-def _is_token_ids(value) -> bool:
-    return isinstance(value, (list, tuple)) and all(isinstance(t, int) for t in value)
-
-
-def _prompt_list(prompts) -> list[tuple[str | None, list[int] | None]]:
-    """(text, None) or (None, token ids) per prompt."""
-    if isinstance(prompts, (str, dict)) or (prompts and _is_token_ids(prompts)):
-        prompts = [prompts]
-    result = []
-    for index, prompt in enumerate(prompts):
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            result.append((prompt.get("prompt"), list(prompt["prompt_token_ids"])))
-        elif isinstance(prompt, dict) and "prompt" in prompt:
-            result.append((prompt["prompt"], None))
-        elif isinstance(prompt, str):
-            result.append((prompt, None))
-        elif _is_token_ids(prompt):
-            result.append((None, list(prompt)))
-        else:
-            raise TypeError(f"prompt {index}: expected a string, a list of token ids or a dict with 'prompt' or "
-                            f"'prompt_token_ids', got {type(prompt).__name__}")
-    return result

@@ -2,11 +2,14 @@
 
 `SamplingParams` here is vLLM's: it is what `LLM.generate` takes, with vLLM's defaults (temperature 1.0,
 max_tokens 16). It is not `splitspec.sampling.SamplingParams`, the engine's and the wire's (temperature, top_k,
-top_p, seed), which `LLM` builds from it. Plain Python: importing this module costs no torch.
+top_p, seed), which `LLM` builds from it. `parse_prompts` reads `LLM.generate`'s prompts. Plain Python: importing
+this module costs no torch.
 """
 
 import dataclasses
 import math
+import numbers
+from collections.abc import Iterable
 
 # Below this, vLLM samples greedily; so does splitspec.
 _GREEDY_TEMPERATURE = 1e-5
@@ -68,6 +71,11 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
+        # numpy's ints and floats pass as Python's, into which they are turned (the wire takes no numpy scalars).
+        self.n, self.top_k = _as_int("n", self.n), _as_int("top_k", self.top_k)
+        self.seed = _as_int("seed", self.seed, optional=True)
+        self.max_tokens = _as_int("max_tokens", self.max_tokens, optional=True)
+        self.temperature, self.top_p = _as_float("temperature", self.temperature), _as_float("top_p", self.top_p)
         if self.n != 1:
             raise ValueError(f"n must be 1: splitspec returns one completion per prompt, got n={self.n}")
         for name, off in _UNSUPPORTED.items():
@@ -84,13 +92,76 @@ class SamplingParams:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise TypeError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        self.stop = list(stop)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_TEMPERATURE
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _as_int(name: str, value, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int{' or None' if optional else ''}, got {value!r}")
+    return int(value)
+
+
+def _as_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+_PROMPT = "a string, a list of token ids or a dict with 'prompt' or 'prompt_token_ids'"
+
+
+def _tolist_hint(value) -> str:
+    # A tensor's or an array's elements are not the ints the wire takes; tolist() makes them so.
+    return "; pass token ids as a list (.tolist())" if hasattr(value, "tolist") else ""
+
+
+def parse_prompts(prompts) -> list[tuple[str | None, list[int] | None]]:
+    """`LLM.generate`'s prompts as (text, None) or (text or None, token ids) per prompt; TypeError naming what is
+    wrong. Token ids may be numpy integers, as in vLLM; the range is checked against the vocabulary later."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
+                                            and all(map(_is_int, prompts))):
+        prompts = [prompts]
+    elif (not isinstance(prompts, Iterable) or isinstance(prompts, (bytes, bytearray))
+          or hasattr(prompts, "tolist")):
+        raise TypeError(f"prompts: expected {_PROMPT}, or a list of these, got {type(prompts).__name__}"
+                        f"{_tolist_hint(prompts)}")
+    return [_parse_prompt(index, prompt) for index, prompt in enumerate(prompts)]
+
+
+def _parse_prompt(index: int, prompt) -> tuple[str | None, list[int] | None]:
+    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+        text, token_ids = prompt.get("prompt"), prompt["prompt_token_ids"]
+    elif isinstance(prompt, dict) and "prompt" in prompt:
+        text, token_ids = prompt["prompt"], None
+    elif isinstance(prompt, str):
+        text, token_ids = prompt, None
+    elif isinstance(prompt, (list, tuple)):
+        text, token_ids = None, prompt
+    else:
+        raise TypeError(f"prompt {index}: expected {_PROMPT}, got {type(prompt).__name__}{_tolist_hint(prompt)}")
+    if text is not None and not isinstance(text, str):
+        raise TypeError(f"prompt {index}: 'prompt' must be a string, got {type(text).__name__}")
+    if token_ids is None:
+        return text, None
+    if isinstance(token_ids, (str, bytes, dict)) or not isinstance(token_ids, Iterable):
+        raise TypeError(f"prompt {index}: prompt_token_ids must be a list of ints, got {type(token_ids).__name__}")
+    token_ids = list(token_ids)
+    if not_ints := [t for t in token_ids if not _is_int(t)]:
+        raise TypeError(f"prompt {index}: token ids must be ints, got {not_ints[0]!r}{_tolist_hint(not_ints[0])}")
+    return text, [int(t) for t in token_ids]
 
 
 @dataclasses.dataclass(frozen=True)

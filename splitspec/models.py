@@ -13,6 +13,13 @@ import torch
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# vLLM's other spellings, for the Python API (`LLM(dtype="half")`); the command lines offer DTYPES only.
+DTYPE_ALIASES = {"half": torch.float16, "float": torch.float32}
+
+# Where configs keep their context length, as vLLM reads it (_get_and_verify_max_len): OPT and most, GPT-2, MPT,
+# ChatGLM, Command-R, others. Several may be present; the smallest holds.
+CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                       "max_sequence_length", "max_seq_length", "seq_len")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,25 +48,30 @@ class Vocabulary:
         return "; ".join(problems) or None
 
 
-def resolve_device(requested: str) -> torch.device:
+def resolve_device(requested: str | torch.device) -> torch.device:
     """'auto' is the first CUDA device when there is one, else the CPU."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {requested}: no CUDA device is visible to this process")
+        raise ValueError(f"device {str(requested)!r}: no CUDA device is visible to this process")
     return device
 
 
-def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 on a GPU that supports it (float16 otherwise) and float32 on the CPU."""
-    if requested == "auto":
+def resolve_dtype(requested: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on a GPU that supports it (float16 otherwise) and float32 on the CPU. Also takes vLLM's
+    "half" and "float" and the torch dtypes themselves."""
+    if isinstance(requested, torch.dtype):
+        if requested in DTYPES.values():
+            return requested
+    elif requested == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    if requested not in DTYPES:
-        raise ValueError(f"--dtype {requested}: choose one of auto, {', '.join(DTYPES)}")
-    return DTYPES[requested]
+    elif (dtype := DTYPES.get(requested, DTYPE_ALIASES.get(requested))) is not None:
+        return dtype
+    raise ValueError(f"dtype {str(requested)!r}: choose one of auto, {', '.join(DTYPES)} (or vLLM's half and float, "
+                     "or a torch dtype among these)")
 
 
 def load_causal_lm(model_id: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -92,6 +104,10 @@ def vocabulary_of(model: torch.nn.Module, tokenizer) -> Vocabulary:
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     if eos is None:
         eos = config.eos_token_id
+    if eos is None and tokenizer is not None:
+        # vLLM stops at the tokenizer's EOS. Only when the configs name none: adding it to theirs would set this
+        # vocabulary apart from a draft's loaded without a tokenizer, which reads its configs alone.
+        eos = tokenizer.eos_token_id
     eos_ids = () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
     fingerprint = ""
     if tokenizer is not None:
@@ -107,5 +123,7 @@ def vocabulary_of(model: torch.nn.Module, tokenizer) -> Vocabulary:
 
 
 def max_context_tokens(model: torch.nn.Module) -> int:
-    """Positions the model can attend over (max_position_embeddings, or a large bound when the config has none)."""
-    return int(getattr(model.config, "max_position_embeddings", None) or 1 << 20)
+    """Positions the model can attend over: the smallest of CONTEXT_LENGTH_KEYS in its config, or a large bound when
+    the config has none of them."""
+    lengths = [getattr(model.config, key, None) for key in CONTEXT_LENGTH_KEYS]
+    return min((int(length) for length in lengths if length), default=1 << 20)

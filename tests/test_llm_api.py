@@ -1,17 +1,21 @@
 """The offline API: the seed's vLLM snippets, with tiny local models in place of hub ids, give the target's output;
 no draft worker outlives its LLM."""
 
+import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
+from tiny_models import build_mpt, build_tokenizer, save
 
-from splitspec import LLM, SamplingParams
+from splitspec import LLM, SamplingParams, models
 
 PROMPTS = [
     "The quick brown fox",
@@ -173,36 +177,89 @@ def test_a_draft_with_another_vocabulary_is_refused(model_dirs):
 
 
 KEEP_GENERATING = """
-import sys
+import os, sys, time
 from splitspec import LLM, SamplingParams
 llm = LLM(model=sys.argv[1], speculative_model=sys.argv[2], num_speculative_tokens=2, cpu_draft_worker=True,
           draft_cpus="0")
-print(llm.draft_worker_pid, flush=True)
+fork = os.fork() if sys.argv[3] == "fork" else 0  # as a multiprocessing Pool or a DataLoader would, after the LLM
+if fork == 0 and sys.argv[3] == "fork":
+    time.sleep(60)
+    os._exit(0)
+print(llm.draft_worker_pid, fork, flush=True)
 while True:
     llm.generate(["The quick brown fox"] * 2, SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
-def test_the_worker_does_not_outlive_an_interrupted_or_killed_process(model_dirs, tmp_path, sig):
+def socket_directory_of(worker_pid: int) -> pathlib.Path:
+    argv = pathlib.Path(f"/proc/{worker_pid}/cmdline").read_text().split("\0")
+    return pathlib.Path(argv[argv.index("--host") + 1].removeprefix("unix://")).parent
+
+
+@pytest.mark.parametrize("sig, fork", [(signal.SIGINT, False), (signal.SIGKILL, False), (signal.SIGKILL, True)],
+                         ids=["ctrl-c", "kill-9", "kill-9-with-a-fork-alive"])
+def test_the_worker_does_not_outlive_an_interrupted_or_killed_process(model_dirs, tmp_path, sig, fork):
     """Ctrl-C: KeyboardInterrupt in generate(), then the exit handlers stop the worker. kill -9: no handler runs;
-    the worker sees its stdin close and shuts itself down."""
+    the worker sees its stdin close, removes its socket's directory and shuts itself down; a fork of the killed
+    process, still running, holds no copy of that stdin."""
     log = open(tmp_path / "script.log", "w")
-    script = subprocess.Popen([sys.executable, "-c", KEEP_GENERATING, model_dirs["target"], model_dirs["related_draft"]],
-                              stdout=subprocess.PIPE, stderr=log, cwd=REPO_ROOT, text=True,
+    script = subprocess.Popen([sys.executable, "-c", KEEP_GENERATING, model_dirs["target"], model_dirs["related_draft"],
+                               "fork" if fork else "-"], stdout=subprocess.PIPE, stderr=log, cwd=REPO_ROOT, text=True,
                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    fork_pid = 0
     try:
-        pid = int(script.stdout.readline() or 0)
+        pid, fork_pid = map(int, script.stdout.readline().split() or (0, 0))
         assert pid, (tmp_path / "script.log").read_text()
+        directory = socket_directory_of(pid)
         time.sleep(1.0)  # inside generate()
-        assert is_running(pid)
+        assert is_running(pid) and directory.is_dir()
         script.send_signal(sig)
         assert script.wait(30) != 0
         assert wait_gone(pid), f"draft worker {pid} outlived its parent"
+        assert not directory.exists()
+        assert not fork or is_running(fork_pid)
     finally:
         script.kill()
         script.wait()
+        if fork_pid:
+            os.kill(fork_pid, signal.SIGKILL)
         log.close()
+
+
+FORK_AND_EXIT = """
+import json, os, sys, time
+from splitspec import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], speculative_model=sys.argv[2], num_speculative_tokens=2, cpu_draft_worker=True,
+          draft_cpus="0")
+directory = os.path.dirname(llm._runtime.draft.address.removeprefix("unix://"))
+started = time.monotonic()
+if os.fork() == 0:  # a helper process that exits normally: its atexit hooks run, the LLM's finalizer among them
+    try:
+        llm.generate("The quick brown fox")
+    except RuntimeError as exc:
+        print(json.dumps({"fork_error": str(exc)}), flush=True)
+    sys.exit(0)
+os.wait()
+exit_s = time.monotonic() - started
+output = llm.generate("The quick brown fox", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+print(json.dumps({"exit_s": exit_s, "directory": sorted(os.listdir(directory)), "drafts": output.metrics.num_drafts,
+                  "fallback": output.metrics.fallback_reason}), flush=True)
+llm.close()
+"""
+
+
+def test_a_fork_that_exits_leaves_the_llm_alone(model_dirs):
+    """The fork's exit neither waits on the parent's loop thread (absent in the fork) nor removes the parent's
+    socket directory; and the fork cannot generate with the parent's LLM."""
+    script = subprocess.run([sys.executable, "-c", FORK_AND_EXIT, model_dirs["target"], model_dirs["related_draft"]],
+                            capture_output=True, cwd=REPO_ROOT, text=True, timeout=120,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert script.returncode == 0, script.stderr
+    fork, parent = (json.loads(line) for line in script.stdout.splitlines())
+    assert "a forked process cannot use it" in fork["fork_error"]
+    assert parent["exit_s"] < 10  # torch's exit takes about a second; a wait on the absent loop thread, 30
+    assert parent["directory"] == ["draft.sock"]
+    assert parent["drafts"] > 0 and parent["fallback"] == ""
 
 
 def test_a_misspelled_argument_is_a_type_error_naming_it():
@@ -233,3 +290,108 @@ def test_generate_checks_its_arguments(cpu_only_llm):
         cpu_only_llm.generate(PROMPTS[:2], [SamplingParams()])
     with pytest.raises(ValueError, match="prompt 0: prompt.*leave no room"):
         cpu_only_llm.generate([[5] * 600])
+
+
+def test_without_an_eos_in_its_configs_the_tokenizers_ends_the_output(model_dirs, tmp_path, reference):
+    directory = shutil.copytree(model_dirs["target"], tmp_path / "no-eos")
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((directory / name).read_text())
+        (directory / name).write_text(json.dumps(config | {"eos_token_id": None}))
+    with LLM(model=str(directory)) as llm:
+        assert llm.tokenizer.eos_token_id == 2
+        output = llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=64))[0].outputs[0]
+    expected = reference(PROMPTS[2], 64, ignore_eos=False)
+    assert expected[-1] == 2 and len(expected) < 64  # this prompt meets the EOS
+    assert (output.token_ids, output.finish_reason) == (expected, "stop")
+
+
+@pytest.mark.parametrize("config, context", [
+    ({"max_position_embeddings": 512}, 512),
+    ({"n_positions": 48}, 48),  # GPT-2
+    ({"max_seq_len": 32}, 32),  # MPT
+    ({"seq_length": 64, "max_position_embeddings": 128}, 64),  # ChatGLM-style: the smaller holds
+    ({}, 1 << 20),
+])
+def test_the_context_comes_from_the_keys_vllm_reads(config, context):
+    assert models.max_context_tokens(types.SimpleNamespace(config=types.SimpleNamespace(**config))) == context
+
+
+def test_an_mpt_generates_up_to_its_context_and_refuses_longer_prompts(tmp_path):
+    with LLM(model=save(build_mpt(seed=0, max_positions=32), build_tokenizer(), tmp_path / "mpt")) as llm:
+        [output] = llm.generate([[5] * 10], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))
+        assert (len(output.outputs[0].token_ids), output.outputs[0].finish_reason) == (22, "length")
+        with pytest.raises(ValueError, match="prompt 0: prompt: 40 tokens leave no room in the model's context of 32"):
+            llm.generate([[5] * 40], SamplingParams(max_tokens=4))
+
+
+def test_max_num_seqs_past_the_engines_default_admission(model_dirs):
+    with LLM(model=model_dirs["target"], max_num_seqs=1100) as llm:
+        outputs = llm.generate([[5, 6]] * 1100, SamplingParams(temperature=0, max_tokens=1))
+    assert len(outputs) == 1100 and {len(o.outputs[0].token_ids) for o in outputs} == {1}
+
+
+@pytest.mark.parametrize("requested, dtype", [
+    ("auto", torch.float32), ("float32", torch.float32), ("float", torch.float32), ("half", torch.float16),
+    ("float16", torch.float16), ("bfloat16", torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+])
+def test_dtype_takes_vllms_spellings(requested, dtype):
+    assert models.resolve_dtype(requested, torch.device("cpu")) == dtype
+
+
+def test_a_bad_dtype_is_named_without_a_command_line_flag():
+    for dtype in ("fp8", torch.int8):
+        with pytest.raises(ValueError, match=r"^dtype '(fp8|torch\.int8)': choose one of auto, float32"):
+            LLM(model="unused", dtype=dtype)
+
+
+@pytest.mark.parametrize("kwargs, error, problem", [
+    ({"max_tokens": 4.0}, TypeError, "max_tokens must be an int or None, got 4.0"),
+    ({"max_tokens": "4"}, TypeError, "max_tokens must be an int or None, got '4'"),
+    ({"temperature": "0.5"}, TypeError, "temperature must be a number"),
+    ({"stop": [5]}, TypeError, "stop must be a string or a list of strings"),
+    ({"seed": 1.5}, TypeError, "seed must be an int"),
+])
+def test_sampling_params_name_an_argument_of_the_wrong_type(kwargs, error, problem):
+    with pytest.raises(error, match=problem):
+        SamplingParams(**kwargs)
+
+
+def test_generate_names_a_bad_prompt_or_sampling_params(cpu_only_llm):
+    with pytest.raises(TypeError, match="prompts: expected a string, .* got NoneType"):
+        cpu_only_llm.generate(None)
+    with pytest.raises(TypeError, match="prompts: expected a string, .* got int"):
+        cpu_only_llm.generate(5)
+    with pytest.raises(TypeError, match=r"prompts: .* got Tensor; pass token ids as a list \(\.tolist\(\)\)"):
+        cpu_only_llm.generate(torch.tensor([5, 6]))
+    with pytest.raises(TypeError, match="sampling_params: expected a SamplingParams, .* got generator"):
+        cpu_only_llm.generate(["a", "b"], (SamplingParams() for _ in range(2)))
+    for ids in ([2**31, 5], [-1, 5]):
+        with pytest.raises(ValueError, match=rf"prompt 0: token ids must be in \[0, 384\), got \[{ids[0]}\]"):
+            cpu_only_llm.generate(ids)
+    with pytest.raises(TypeError, match=r"prompt 0: token ids must be ints, got tensor\(5\)"):
+        cpu_only_llm.generate({"prompt_token_ids": torch.tensor([5, 6])})
+
+
+def test_numpy_token_ids_and_a_top_k_past_the_vocabulary_are_taken(cpu_only_llm):
+    numpy = pytest.importorskip("numpy")
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = cpu_only_llm.generate([5, 6], greedy)[0].outputs[0].token_ids
+    for prompt in ([numpy.int64(5), 6], {"prompt_token_ids": numpy.array([5, 6])}):
+        assert cpu_only_llm.generate(prompt, greedy)[0].outputs[0].token_ids == expected
+    sampled = [cpu_only_llm.generate([5, 6], SamplingParams(top_k=top_k, seed=3, max_tokens=16, ignore_eos=True))
+               [0].outputs[0].token_ids for top_k in (-1, 2**40)]
+    assert sampled[0] == sampled[1]
+
+
+def test_the_worker_removes_only_the_directory_its_socket_is_in(tmp_path, capsys):
+    from draft_server import cli
+
+    argv = ["--model", "/nonexistent", "--exit-when-stdin-closes", "--remove-when-stdin-closes", str(tmp_path)]
+    assert cli.main([*argv, "--host", f"unix://{tmp_path}/below/draft.sock"]) == 2
+    assert cli.main([*argv, "--host", "127.0.0.1"]) == 2
+    assert capsys.readouterr().err.count("--remove-when-stdin-closes DIR needs") == 2
+    # Never a tree: what else is in the directory keeps it there.
+    (tmp_path / "draft.sock").touch()
+    (tmp_path / "other").touch()
+    cli._remove_socket_directory(str(tmp_path / "draft.sock"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]

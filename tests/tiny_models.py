@@ -48,3 +48,14 @@ def build_gpt2(seed: int, vocab_size: int = VOCAB_SIZE, max_positions: int = 512
     config = GPT2Config(vocab_size=vocab_size, n_positions=max_positions, n_embd=32, n_layer=2, n_head=2,
                         attn_implementation="sdpa")
     return GPT2LMHeadModel(config).eval()
+
+
+def build_mpt(seed: int, vocab_size: int = VOCAB_SIZE, max_positions: int = 32):
+    """A tiny MPT: ALiBi positions, whose config names its context max_seq_len (not max_position_embeddings)."""
+    import torch
+    from transformers import MptConfig, MptForCausalLM
+
+    torch.manual_seed(seed)
+    config = MptConfig(d_model=32, n_heads=2, n_layers=2, vocab_size=vocab_size, max_seq_len=max_positions,
+                       bos_token_id=1, eos_token_id=2)
+    return MptForCausalLM(config).eval()
