@@ -13,11 +13,12 @@ from splitspec.server_cli import add_common_flags
 from splitspec.topology import parse_cpu_list
 
 log = logging.getLogger("splitspec.draft")
+PROG = "splitspec-draft"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="splitspec-draft",
+        prog=PROG,
         description="Serve a draft model on the CPU for splitspec target servers (gRPC DraftService).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -115,17 +116,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.exit_when_stdin_closes:
         _exit_when_stdin_closes(owned_socket)
     from splitspec import topology
-    from splitspec.server_cli import batching_flags_problem
+    from splitspec.server_cli import common_flags_problem, error, load_security
 
-    if problem := batching_flags_problem(args):
-        print(f"splitspec-draft: error: {problem}", file=sys.stderr)
-        return 2
+    # Settings are checked before the model loads, which can take minutes (the model and addresses come after).
+    if problem := common_flags_problem(args):
+        return error(PROG, problem)
+    try:
+        security = load_security(args)
+    except ValueError as exc:
+        return error(PROG, exc)
     machine = topology.read_topology()
     try:
         plan = topology.plan_pinning(machine, args.cpus, args.numa_node, args.threads)
     except ValueError as exc:
-        print(f"splitspec-draft: error: {exc}", file=sys.stderr)
-        return 2
+        return error(PROG, exc)
     # Pin before loading: the weights are allocated on the bound node only if the policy is set first.
     pinning = topology.apply_pinning(plan)
     isa = topology.best_isa(machine.cpu_flags)
@@ -137,24 +141,28 @@ def main(argv: list[str] | None = None) -> int:
         backend = load_backend(args.backend)
         dtype = choose_dtype(args.dtype, isa)
     except (SplitspecError, ValueError) as exc:
-        print(f"splitspec-draft: error: {exc}", file=sys.stderr)
-        return 2
+        return error(PROG, exc)
     log.info("CPUs %s, NUMA node %s, %d threads, ISA %s, dtype %s, backend %s",
              topology.format_cpu_list(pinning.cpus), pinning.numa_node, pinning.threads, isa, dtype, backend.name)
-    return asyncio.run(_serve(args, machine, pinning, isa, backend, dtype))
+    return asyncio.run(_serve(args, security, machine, pinning, isa, backend, dtype))
 
 
-async def _serve(args, machine, pinning, isa, backend, dtype) -> int:
+async def _serve(args, security, machine, pinning, isa, backend, dtype) -> int:
     import torch
     from draft_server.engine import DraftEngine, DraftLimits
     from draft_server.servicer import DraftServerDescription, DraftServicer
     from splitspec import models, topology
     from prometheus_client import CollectorRegistry
 
+    from splitspec.grpc_server import ListenError
     from splitspec.metrics import DraftMetrics
-    from splitspec.server_cli import build_runner, build_server
+    from splitspec.server_cli import build_runner, build_server, cannot_listen, error
 
-    model = backend.optimize(models.load_causal_lm(args.model, torch.device("cpu"), dtype), dtype)
+    try:
+        model = models.load_causal_lm(args.model, torch.device("cpu"), dtype)
+    except (OSError, ValueError) as exc:
+        return error(PROG, f"--model {args.model}: cannot load it: {exc}")
+    model = backend.optimize(model, dtype)
     vocabulary = models.vocabulary_of(model, models.load_tokenizer(args.model, required=False))
     limits = DraftLimits(
         max_num_speculative_tokens=args.max_num_speculative_tokens,
@@ -179,10 +187,9 @@ async def _serve(args, machine, pinning, isa, backend, dtype) -> int:
         pinning_notes=pinning.notes,
     )
     try:
-        server = build_server(args, registry)
-    except (ValueError, OSError) as exc:
-        log.error("%s", exc)
-        return 2
+        server = build_server(args, registry, security)
+    except ListenError as exc:
+        return cannot_listen(PROG, exc)
     server.add_service("splitspec.v1.DraftService", DraftServicer(engine, description))
 
     async def on_stop():

@@ -7,9 +7,12 @@ caller against the server's security policy and counts every call by method and 
 
 import asyncio
 import dataclasses
+import errno
 import json
 import logging
+import os
 import signal
+import socket
 import time
 
 import grpc
@@ -18,7 +21,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from splitspec.errors import InvalidArgument, SplitspecError
+from splitspec.errors import InvalidArgument, SplitspecError, Unavailable
 from splitspec.metrics import RpcMetrics
 from splitspec.security import ServerSecurity
 
@@ -26,6 +29,52 @@ log = logging.getLogger(__name__)
 
 # Larger than gRPC's 4 MiB default: a block of sampled draft distributions can exceed it with a large vocabulary.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+# After the grace period: how long cancelled handlers get to release their sessions.
+HANDLER_EXIT_S = 5.0
+
+
+class ListenError(OSError):
+    """An address the server cannot listen on. `transient` when another process holds it (an old instance still
+    draining), which a restart may outlast; otherwise the address is wrong and restarting cannot help."""
+
+    def __init__(self, message: str, transient: bool):
+        super().__init__(message)
+        self.transient = transient
+
+
+def _is_socket_path(host: str) -> bool:
+    return host.startswith(("unix:", "unix-abstract:"))
+
+
+def listen_address(host: str, port: int) -> str:
+    """grpc's address for `host` and `port`: a Unix socket address as it is, an IPv6 literal in brackets."""
+    if _is_socket_path(host):
+        return host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def _listen_error(address: str, host: str, port: int) -> ListenError:
+    """Why grpc could not bind `address`, found by binding it the same way (grpc logs the reason but raises
+    without it)."""
+    try:
+        if host.startswith("unix:"):
+            path = host.removeprefix("unix://") if host.startswith("unix://") else host.removeprefix("unix:")
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.bind(path)
+            os.unlink(path)  # ours: binding created it
+        elif not _is_socket_path(host):
+            family, kind, protocol, _, sockaddr = socket.getaddrinfo(
+                host.removeprefix("[").removesuffix("]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            with socket.socket(family, kind, protocol) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does
+                probe.bind(sockaddr)
+    except OSError as exc:
+        return ListenError(f"cannot listen on {address}: {exc.strerror or exc}",
+                           transient=exc.errno == errno.EADDRINUSE)
+    return ListenError(f"cannot listen on {address} (gRPC's log says why)", transient=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +112,12 @@ class _Call:
         self.server, self.method, self.context = server, method, context
         self.code = "OK"
         self.started = time.perf_counter()
+        server.call_started(self)
 
     def admit(self, request, client_streaming: bool):
         """Check the caller and the request; returns the request, its stream checked message by message."""
+        if self.server.draining:
+            raise Unavailable("server is shutting down; retry on another replica")
         if self.server.security is not None:
             self.server.security.authorize(self.context)
         if isinstance(request, MalformedRequest):
@@ -84,16 +136,19 @@ class _Call:
         await self.context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
     def done(self) -> None:
+        self.server.call_finished(self)
         if self.server.rpc_metrics is not None:
             self.server.rpc_metrics.observe(self.method, self.code, time.perf_counter() - self.started)
 
 
 class GrpcServer:
-    """An aio server with the standard health and reflection services, stopped gracefully on SIGTERM/SIGINT.
+    """An aio server with the standard health and reflection services, stopped gracefully on SIGTERM/SIGINT: health
+    answers NOT_SERVING and new calls UNAVAILABLE while the calls in flight finish.
 
-    `host` is an interface to listen on, or a whole Unix domain socket address (`unix:///path/to.sock`, then `port`
-    is not used): `splitspec.LLM` reaches the draft server it starts that way. Health and reflection stay open to
-    every caller (probes and ghz use them); the splitspec services obey `security`.
+    `host` is an interface to listen on (an IPv6 literal with or without brackets), or a whole Unix domain socket
+    address (`unix:///path/to.sock`, then `port` is not used): `splitspec.LLM` reaches the draft server it starts
+    that way. Health and reflection stay open to every caller (probes and ghz use them); the splitspec services obey
+    `security`.
     """
 
     def __init__(self, host: str, port: int, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -109,18 +164,36 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names: list[str] = [health.SERVICE_NAME]
-        unix_socket = host.startswith("unix:")
-        self.address = host if unix_socket else f"{host}:{port}"
+        self.address = listen_address(host, port)
         credentials = security.server_credentials() if security is not None else None
-        # The bound port, or 1 for a Unix socket; 0 means the address could not be bound.
-        if credentials is None:
-            self.port = self.server.add_insecure_port(self.address)
-        else:
-            self.port = self.server.add_secure_port(self.address, credentials)
+        # The bound port, or 1 for a Unix socket. grpcio reports a failure by raising RuntimeError (older releases
+        # returned 0), naming the address but not the reason: ask the OS for that.
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(self.address)
+            else:
+                self.port = self.server.add_secure_port(self.address, credentials)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.address}")
-        if not unix_socket:
-            self.address = f"{host}:{self.port}"
+            raise _listen_error(self.address, host, port)
+        if not _is_socket_path(host):
+            self.address = listen_address(host, self.port)
+        # The calls our handlers are serving: shutdown waits for them, and refuses new ones once `draining`.
+        self.calls: set[_Call] = set()
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._hurry = asyncio.Event()
+
+    def call_started(self, call: _Call) -> None:
+        self.calls.add(call)
+        self._idle.clear()
+
+    def call_finished(self, call: _Call) -> None:
+        self.calls.discard(call)
+        if not self.calls:
+            self._idle.set()
 
     def add_service(self, full_name: str, servicer) -> None:
         """Serve `servicer`'s methods for the service `full_name` (its generated module must be imported)."""
@@ -137,9 +210,11 @@ class GrpcServer:
         if method.server_streaming:
             async def streaming(request, context):
                 call = _Call(self, name, context)
+                responses = None
                 try:
                     request = call.admit(request, method.client_streaming)
-                    async for response in implementation(request, context):
+                    responses = implementation(request, context)
+                    async for response in responses:
                         yield response
                 except (asyncio.CancelledError, GeneratorExit):
                     call.code = "CANCELLED"
@@ -148,6 +223,10 @@ class GrpcServer:
                     await call.fail(exc)
                     raise
                 finally:
+                    # A stream cancelled while grpc sends a response leaves this generator at its `yield`, closed
+                    # later by the event loop; the servicer's generator is closed here, with the call, not after.
+                    if responses is not None:
+                        await responses.aclose()
                     call.done()
 
             make, function = (grpc.stream_stream_rpc_method_handler if method.client_streaming
@@ -183,19 +262,53 @@ class GrpcServer:
         log.info("listening on %s", self.address)
 
     async def stop(self, grace_s: float) -> None:
-        """Health NOT_SERVING, refuse new calls (UNAVAILABLE), let in-flight ones finish within `grace_s`."""
-        log.info("shutting down (grace %.1fs)", grace_s)
+        """Health NOT_SERVING and new calls UNAVAILABLE while in-flight ones get up to `grace_s` to finish (`hurry`
+        ends the wait), then cancel what is left and wait for the handlers to finish."""
+        log.info("shutting down: health NOT_SERVING, new calls UNAVAILABLE, %d in flight get %.1fs to finish",
+                 len(self.calls), grace_s)
+        self.draining = True
         await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace_s)
+        if not await self._wait_idle(grace_s, hurry=True):
+            log.warning("cancelling %d calls still in flight", len(self.calls))
+        await self.server.stop(0)
+        # Cancelled handlers still release their sessions; an event loop closed under them logs each as an error.
+        if not await self._wait_idle(HANDLER_EXIT_S):
+            log.warning("%d call handlers did not finish within %.0fs of being cancelled", len(self.calls),
+                        HANDLER_EXIT_S)
+
+    def hurry(self) -> None:
+        """Cut a running `stop`'s grace period short."""
+        self._hurry.set()
+
+    async def _wait_idle(self, timeout_s: float, hurry: bool = False) -> bool:
+        """Wait until no call is in flight, for `timeout_s` at most (with `hurry`, only until `hurry()`); returns
+        whether none is."""
+        waits = [asyncio.ensure_future(self._idle.wait())]
+        if hurry:
+            waits.append(asyncio.ensure_future(self._hurry.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return self._idle.is_set()
 
     async def run(self, grace_s: float = 10.0, on_stop=None) -> None:
-        """Serve until SIGTERM/SIGINT, then stop gracefully (signal handlers need the main thread's loop; a server
-        on another thread's loop calls `start` and `stop` itself)."""
+        """Serve until SIGTERM/SIGINT, then stop gracefully; a second signal cancels the calls in flight at once
+        (signal handlers need the main thread's loop; a server on another thread's loop calls `start` and `stop`
+        itself)."""
         await self.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal(sig: signal.Signals) -> None:
+            if stop.is_set():
+                log.warning("%s again: cancelling the calls in flight now", sig.name)
+                self.hurry()
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         await stop.wait()
         await self.stop(grace_s)
         if on_stop is not None:

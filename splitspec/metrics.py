@@ -134,8 +134,10 @@ class DraftMetrics:
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> int:
-    """Serve /metrics over HTTP on a daemon thread; returns the bound port (port 0 picks one)."""
+    """Serve /metrics over HTTP on a daemon thread; returns the bound port (port 0 picks one). An IPv6 `host` may
+    come with or without brackets (as for --host)."""
+    host = host.removeprefix("[").removesuffix("]")
     server, _thread = start_http_server(port, addr=host, registry=registry)
     bound = server.server_address[1]
-    log.info("metrics on http://%s:%d/metrics", host, bound)
+    log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, bound)
     return bound

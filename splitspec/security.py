@@ -7,23 +7,57 @@ certificate, optionally narrowed to certificate names (`--allowed-client-names`)
 import dataclasses
 import hmac
 import pathlib
+import ssl
 
 import grpc
 
 from splitspec.errors import PermissionDenied, Unauthenticated
 
 
-def _read(path: str | None) -> bytes | None:
-    return pathlib.Path(path).read_bytes() if path else None
-
-
-def read_token(path: str | None) -> str | None:
-    """A bearer token from a file (first line), so it never shows in `ps` or shell history."""
+def _read(path: str | None, flag: str) -> bytes | None:
     if not path:
         return None
-    token = pathlib.Path(path).read_text().strip()
+    try:
+        return pathlib.Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: {exc.strerror or exc}") from exc
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    return exc.reason.lower().replace("_", " ") if exc.reason else "not PEM"
+
+
+def _check_tls_files(cert: str | None, key: str | None, ca: str | None, flags: tuple[str, str, str]) -> None:
+    """Fail now, naming the flag, on a certificate, key or CA that TLS cannot use (`flags`: the cert's, the key's
+    and the CA's): grpc takes any bytes here, then fails when binding the port, saying only that, or at the first
+    handshake."""
+    cert_flag, key_flag, ca_flag = flags
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for path, flag in ((cert, cert_flag), (ca, ca_flag)):
+        if path:
+            try:
+                context.load_verify_locations(cafile=path)
+            except ssl.SSLError as exc:
+                raise ValueError(f"{flag} {path}: not a usable TLS certificate ({_ssl_reason(exc)})") from exc
+    if cert:
+        try:
+            # An empty password: an encrypted key fails here rather than prompting (grpc cannot use one either).
+            context.load_cert_chain(cert, key, password=b"")
+        except ssl.SSLError as exc:
+            raise ValueError(f"{key_flag} {key}: not a usable TLS private key of {cert_flag} {cert} "
+                             f"({_ssl_reason(exc)})") from exc
+
+
+def read_token(path: str | None, flag: str = "token file") -> str | None:
+    """A bearer token from a file, so it never shows in `ps` or shell history: the file's one line (surrounding
+    whitespace and a final newline ignored)."""
+    if not path:
+        return None
+    token = _read(path, flag).decode(errors="replace").strip()
     if not token:
-        raise ValueError(f"token file {path} is empty")
+        raise ValueError(f"{flag} {path} is empty")
+    if len(token.splitlines()) > 1:
+        raise ValueError(f"{flag} {path} holds more than one line: the token must be one line")
     return token
 
 
@@ -44,8 +78,10 @@ class ServerSecurity:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
         if allowed_client_names and not client_ca:
             raise ValueError("--allowed-client-names needs --tls-client-ca: names come from client certificates")
-        return cls(_read(cert), _read(key), _read(client_ca), read_token(token_file),
-                   frozenset(allowed_client_names or ()))
+        security = cls(_read(cert, "--tls-cert"), _read(key, "--tls-key"), _read(client_ca, "--tls-client-ca"),
+                       read_token(token_file, "--auth-token-file"), frozenset(allowed_client_names or ()))
+        _check_tls_files(cert, key, client_ca, ("--tls-cert", "--tls-key", "--tls-client-ca"))
+        return security
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         if self.tls_cert is None:
@@ -57,10 +93,10 @@ class ServerSecurity:
         """Raise Unauthenticated / PermissionDenied unless the call meets this policy."""
         if self.token is not None:
             metadata = dict(context.invocation_metadata() or ())
-            header = metadata.get("authorization", "")
-            if not header.startswith("Bearer "):
+            scheme, _, credentials = metadata.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer":  # auth schemes are case-insensitive (RFC 7235)
                 raise Unauthenticated("missing bearer token: send metadata 'authorization: Bearer <token>'")
-            if not hmac.compare_digest(header.removeprefix("Bearer ").encode(), self.token.encode()):
+            if not hmac.compare_digest(credentials.strip().encode(), self.token.encode()):
                 raise Unauthenticated("invalid bearer token")
         if self.allowed_client_names:
             auth = context.auth_context()
@@ -85,7 +121,10 @@ class ClientSecurity:
             raise ValueError("--draft-tls-cert and --draft-tls-key go together")
         if cert and not ca:
             raise ValueError("--draft-tls-cert needs --draft-tls-ca")
-        return cls(_read(ca), _read(cert), _read(key), read_token(token_file))
+        security = cls(_read(ca, "--draft-tls-ca"), _read(cert, "--draft-tls-cert"), _read(key, "--draft-tls-key"),
+                       read_token(token_file, "--draft-auth-token-file"))
+        _check_tls_files(cert, key, ca, ("--draft-tls-cert", "--draft-tls-key", "--draft-tls-ca"))
+        return security
 
     def channel(self, address: str, options) -> grpc.aio.Channel:
         if self.root_ca is None:

@@ -3,16 +3,18 @@
 import argparse
 import asyncio
 import logging
+import math
 import sys
 
 from splitspec.server_cli import add_common_flags
 
 log = logging.getLogger("splitspec.target")
+PROG = "splitspec-target"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="splitspec-target",
+        prog=PROG,
         description="Serve a target model (GPU, else CPU) with speculative decoding against CPU draft servers.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -84,42 +86,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flags_problem(args) -> str | None:
+    """What is wrong with the flags, or None."""
+    from splitspec.server_cli import common_flags_problem
+
+    def seconds(value: float) -> bool:
+        return value > 0 and math.isfinite(value)
+
+    checks = [
+        (0 <= args.batch_regroup_fraction <= 1, "--batch-regroup-fraction must be in [0, 1]"),
+        (0 <= args.num_speculative_tokens <= args.max_num_speculative_tokens,
+         "--num-speculative-tokens must be in [0, --max-num-speculative-tokens]"),
+        (args.max_concurrent_requests >= 1, "--max-concurrent-requests must be at least 1"),
+        (args.max_waiting_requests >= 0, "--max-waiting-requests must be 0 or more"),
+        (seconds(args.draft_timeout), "--draft-timeout must be a number of seconds above 0"),
+        (seconds(args.draft_probe_interval), "--draft-probe-interval must be a number of seconds above 0"),
+        (seconds(args.draft_max_backoff), "--draft-max-backoff must be a number of seconds above 0"),
+        (args.max_draft_reopens >= 0, "--max-draft-reopens must be 0 or more"),
+    ]
+    return common_flags_problem(args) or next((problem for ok, problem in checks if not ok), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from splitspec.grpc_server import configure_logging
 
     configure_logging(args.log_level, args.log_format)
-    from splitspec.server_cli import batching_flags_problem
+    from splitspec.security import ClientSecurity
+    from splitspec.server_cli import error, load_security
 
-    if problem := batching_flags_problem(args):
-        print(f"splitspec-target: error: {problem}", file=sys.stderr)
-        return 2
-    if not 0 <= args.batch_regroup_fraction <= 1:
-        print("splitspec-target: error: --batch-regroup-fraction must be in [0, 1]", file=sys.stderr)
-        return 2
-    if not 0 <= args.num_speculative_tokens <= args.max_num_speculative_tokens:
-        print("splitspec-target: error: --num-speculative-tokens must be in [0, --max-num-speculative-tokens]",
-              file=sys.stderr)
-        return 2
+    # Settings are checked before the model loads, which can take minutes (the model and addresses come after).
+    if problem := flags_problem(args):
+        return error(PROG, problem)
+    try:
+        security = load_security(args)
+        draft_security = ClientSecurity.from_files(args.draft_tls_ca, args.draft_tls_cert, args.draft_tls_key,
+                                                   args.draft_auth_token_file)
+    except ValueError as exc:
+        return error(PROG, exc)
     from splitspec import models
 
     try:
         device = models.resolve_device(args.device)
         dtype = models.resolve_dtype(args.dtype, device)
     except (ValueError, RuntimeError) as exc:
-        print(f"splitspec-target: error: {exc}", file=sys.stderr)
-        return 2
-    return asyncio.run(_serve(args, device, dtype))
+        return error(PROG, exc)
+    return asyncio.run(_serve(args, security, draft_security, device, dtype))
 
 
-async def _serve(args, device, dtype) -> int:
+async def _serve(args, security, draft_security, device, dtype) -> int:
     import torch
     from prometheus_client import CollectorRegistry
 
     from splitspec import models
+    from splitspec.grpc_server import ListenError
     from splitspec.metrics import TargetMetrics
-    from splitspec.security import ClientSecurity
-    from splitspec.server_cli import build_runner, build_server
+    from splitspec.server_cli import build_runner, build_server, cannot_listen, error
     from target_server.admission import Admission
     from target_server.block_size import measure_verify_profile
     from target_server.draft_pool import DraftPool
@@ -129,17 +151,20 @@ async def _serve(args, device, dtype) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = models.load_causal_lm(args.model, device, dtype)
-    tokenizer = models.load_tokenizer(args.tokenizer or args.model, required=True)
-    vocabulary = models.vocabulary_of(model, tokenizer)
     try:
-        draft_security = ClientSecurity.from_files(args.draft_tls_ca, args.draft_tls_cert, args.draft_tls_key,
-                                                   args.draft_auth_token_file)
-        registry = CollectorRegistry()
-        server = build_server(args, registry)
-    except (ValueError, OSError) as exc:
-        log.error("%s", exc)
-        return 2
+        model = models.load_causal_lm(args.model, device, dtype)
+    except (OSError, ValueError) as exc:
+        return error(PROG, f"--model {args.model}: cannot load it: {exc}")
+    try:
+        tokenizer = models.load_tokenizer(args.tokenizer or args.model, required=True)
+    except (OSError, ValueError, TypeError) as exc:
+        return error(PROG, f"--tokenizer {args.tokenizer or args.model}: cannot load it: {exc}")
+    vocabulary = models.vocabulary_of(model, tokenizer)
+    registry = CollectorRegistry()
+    try:
+        server = build_server(args, registry, security)
+    except ListenError as exc:
+        return cannot_listen(PROG, exc)
     pool = DraftPool(args.draft, vocabulary, probe_interval_s=args.draft_probe_interval,
                      max_backoff_s=args.draft_max_backoff, security=draft_security,
                      max_message_bytes=args.max_message_bytes)

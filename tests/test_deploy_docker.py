@@ -212,3 +212,14 @@ def test_health_probe_presents_a_client_certificate(tls_health_server, pki):
 def test_health_probe_reports_an_unreadable_tls_file():
     unreadable = run_probe("127.0.0.1:1", "--tls-ca", "/nonexistent/ca.pem")
     assert unreadable.returncode == 1 and "--tls-ca: [Errno 2]" in unreadable.stderr
+
+
+@pytest.mark.parametrize("half", ["draft", "target"])
+def test_compose_stop_grace_outlasts_the_shutdown_grace(half):
+    """Docker SIGKILLs a container still running at stop_grace_period: the server's --shutdown-grace, then its own
+    stopping (cancelled calls, the model worker) must fit inside it."""
+    service = compose_services()[half]
+    entrypoint = json.loads(final_stage(half)["ENTRYPOINT"])
+    args = PARSERS[half]().parse_args(entrypoint[1:] + [interpolate(str(word)) for word in service["command"]])
+    stop_grace_s = int(re.fullmatch(r"(\d+)s", service["stop_grace_period"])[1])
+    assert stop_grace_s >= args.shutdown_grace + 10

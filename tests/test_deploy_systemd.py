@@ -133,3 +133,32 @@ def test_target_uses_every_example_draft():
                    for instance in DRAFT_INSTANCES]
     assert len(set(draft_ports)) == len(DRAFT_INSTANCES) >= 2, "one port per draft instance on the same host"
     assert sorted(address.rsplit(":", 1)[1] for address in args.draft) == sorted(draft_ports)
+
+
+def unit_and_args(name: str):
+    """A unit's text and its server's parsed flags, with the unit's example environment file."""
+    unit = SYSTEMD_DIR / name
+    if name.startswith("splitspec-draft@"):
+        instance = DRAFT_INSTANCES[0]
+        env = read_env_file(SYSTEMD_DIR / "env" / f"draft-{instance}.env")
+        return unit.read_text(), draft_parser().parse_args(command_line(unit, env, str(instance))[1:])
+    env = read_env_file(SYSTEMD_DIR / "env" / "target.env")
+    return unit.read_text(), target_parser().parse_args(command_line(unit, env)[1:])
+
+
+@pytest.mark.parametrize("name", ["splitspec-draft@.service", "splitspec-target.service"])
+def test_stop_timeout_outlasts_the_shutdown_grace(name):
+    """systemd SIGKILLs a server still running at TimeoutStopSec: the server's --shutdown-grace, then its own
+    stopping (cancelled calls, the model worker) must fit inside it."""
+    text, args = unit_and_args(name)
+    (timeout,) = re.findall(r"^TimeoutStopSec=(\d+)$", text, flags=re.M)
+    assert int(timeout) >= args.shutdown_grace + 10
+
+
+def test_target_unit_creates_the_nvidia_uvm_device_first():
+    """The hardened server cannot run the setuid nvidia-modprobe that makes /dev/nvidia-uvm on a fresh boot: the unit
+    does it before, privileged ('+'), and a host without it still starts ('-')."""
+    text = (SYSTEMD_DIR / "splitspec-target.service").read_text()
+    assert re.findall(r"^ExecStartPre=(.*)$", text, flags=re.M) == ["-+/usr/bin/nvidia-modprobe -u -c0"]
+    (after,) = re.findall(r"^After=(.*)$", text, flags=re.M)
+    assert "nvidia-persistenced.service" in after.split()

@@ -154,7 +154,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(model_dirs, log_
     def long_request():
         with Client(target.address, timeout=120) as client:
             chunks = []
-            for chunk in client.stream(PROMPT, max_new_tokens=300, ignore_eos=True):
+            for chunk in client.stream(PROMPT, max_new_tokens=450, ignore_eos=True):
                 chunks.append(chunk)
                 first_chunk.set()
             outcome["token_ids"] = [t for c in chunks for t in c.token_ids]
@@ -163,12 +163,17 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(model_dirs, log_
     thread.start()
     assert first_chunk.wait(60)
     target.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    time.sleep(0.2)
+    # While the request drains, probes learn to send no more (rather than finding the port closed).
+    with grpc.insecure_channel(target.address) as channel:
+        health_status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+    assert health_status == health_pb2.HealthCheckResponse.NOT_SERVING
     with Client(target.address, timeout=10) as client:
-        with pytest.raises(UnavailableError):
+        with pytest.raises(UnavailableError, match="shutting down"):
             client.generate(PROMPT, max_new_tokens=4)
+    assert "token_ids" not in outcome, "the stream ended before the checks above: make it longer"
     thread.join(120)
-    assert outcome["token_ids"] == reference(PROMPT, 300)  # the in-flight request finished, whole
+    assert outcome["token_ids"] == reference(PROMPT, 450)  # the in-flight request finished, whole
     assert target.process.wait(60) == 0
     target.stop()
 
