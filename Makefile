@@ -11,8 +11,9 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml client/pyproject.toml proto/splitspec/v1/*.proto
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	# torch first, pinned: an open range would pull a multi-GB CUDA build.
-	$(PIP) install --quiet torch==2.13.0
+	# torch first, pinned: an open range would pull the newest build. TORCH_INDEX picks the index it comes from
+	# (https://download.pytorch.org/whl/cpu for the CPU-only build; PyPI's Linux wheel is the CUDA one).
+	$(PIP) install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install --quiet "grpcio-tools>=1.70,<2"
 	$(MAKE) proto
 	$(PIP) install --quiet -e ./client -e ".[dev,bench]"
