@@ -26,6 +26,7 @@ The worker thread owns the queue and the scheduling; the event loop only hands j
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -91,6 +92,7 @@ class ForwardBatcher:
         # Written by the worker, shrunk by event loops (`away`) under the lock.
         self._returning: dict[int, Any] = {}
         self._regroup_until_ns = 0
+        self._running: collections.deque[_Job] = collections.deque()  # the batch in the forward, for `_serve`
 
     async def run(self, row: ForwardRow, finish: Callable[[torch.Tensor], Any] | None = None) -> tuple[Any, int, int]:
         """Run `row` in the next batch that takes it (and the rows its `finish` continues with); returns what the
@@ -100,6 +102,9 @@ class ForwardBatcher:
             raise RuntimeError("the model worker is shut down")
         job = _Job(row, finish, asyncio.get_running_loop().create_future())
         self._handed_over.append(job)
+        if self._stopping:  # shut down meanwhile: the worker may have drained its queues already
+            job.future.cancel()
+            raise RuntimeError("the model worker is shut down")
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name=self.thread_name, daemon=True)
@@ -127,8 +132,9 @@ class ForwardBatcher:
         columns = real_tokens = 0
         while self._queue:
             job = self._queue.popleft()
-            if job.cancelled():
-                continue  # its request was cancelled while it waited
+            if job.cancelled():  # its request was cancelled, or its sequence released, while it waited
+                self._settle_threadsafe(job.future, job.future.cancel)
+                continue
             width, real = max(columns, len(job.row.token_ids)), real_tokens + len(job.row.token_ids)
             padded = width * (len(batch) + 1)
             wasted = padded - real
@@ -142,14 +148,22 @@ class ForwardBatcher:
         return batch
 
     def _serve(self) -> None:
-        """The worker thread: batch, run, deliver; continuing jobs go to the front of the queue."""
+        """The worker thread: batch, run, deliver; continuing jobs go to the front of the queue. Should the loop
+        itself fail (a bug outside any one job's forward), the worker stops for good and every job it holds fails
+        with the reason, as do later ones: a hang would be worse."""
+        error = None
         try:
             self._serve_until_stopped()
+        except BaseException as exc:  # noqa: BLE001
+            log.critical("model worker %s died; its jobs fail from now on", self.thread_name, exc_info=True)
+            error = RuntimeError(f"the model worker died: {type(exc).__name__}: {exc}")
         finally:
-            for queue in (self._handed_over, self._queue):
+            self._stopping = True
+            for queue in (self._running, self._handed_over, self._queue):
                 while queue:
                     future = queue.popleft().future
-                    self._settle_threadsafe(future, future.cancel)
+                    settle = future.cancel if error is None else functools.partial(_fail, future, error)
+                    self._settle_threadsafe(future, settle)
 
     def _take_handed_over(self) -> None:
         while self._handed_over:
@@ -160,6 +174,8 @@ class ForwardBatcher:
             self._take_handed_over()
             if self._queue and self._returning:
                 self._regroup()
+                if self._stopping:
+                    break
             batch = self.take_batch()
             if not batch:
                 # No forward runs now: the one moment the runner may free its memory.
@@ -167,18 +183,22 @@ class ForwardBatcher:
                 self._work.wait()
                 self._work.clear()
                 continue
+            self._running.extend(batch)
             try:
                 self._run_batch(batch)
             except Exception as exc:  # noqa: BLE001 (a bug here must fail these jobs, not every later one)
                 log.exception("model worker %s: batch of %d failed", self.thread_name, len(batch))
                 for job in batch:
                     self._deliver(job, None, exc, len(batch))
+            self._running.clear()
 
     def _regroup(self) -> None:
         """Wait until every session of the last forward is back in the queue, away or released, or until the
         regrouping time is up, or the queue holds a full batch."""
         started = time.perf_counter_ns()
         while True:
+            # Cleared before the state is read: a wake-up (release, away) from now on ends the wait below.
+            self._work.clear()
             queued = {id(job.row.sequence) for job in self._queue}
             with self._lock:
                 self._returning = {key: sequence for key, sequence in self._returning.items()
@@ -188,7 +208,6 @@ class ForwardBatcher:
                         or len(self._queue) >= self.max_batch_size):
                     self._returning = {}
                     break
-            self._work.clear()
             if not self._handed_over:
                 self._work.wait(left_ns / 1e9)
             self._take_handed_over()
@@ -273,3 +292,8 @@ class ForwardBatcher:
                     self._settle_threadsafe(future, future.cancel)
         if thread is not None and thread is not threading.current_thread():
             thread.join(wait_s)
+
+
+def _fail(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -468,6 +468,62 @@ def test_the_worker_does_not_hold_a_full_batch_back():
     assert [len(rows) for rows in runner.batches] == [1, 1, 1, 1] and second_start - first_end < 0.05
 
 
+def test_a_worker_that_dies_fails_its_jobs_and_later_ones_instead_of_hanging():
+    class BrokenRunner(_ScriptedRunner):
+        def free_unused_memory(self):  # outside any job's forward: a bug in the worker's own loop
+            raise RuntimeError("scripted bug")
+
+    batcher = ForwardBatcher(BrokenRunner(), max_batch_size=8, max_batch_tokens=64)
+
+    async def scenario():
+        first = await batcher.run(ForwardRow(_Sequence(), [1], 1))  # runs, then the idle worker dies
+        with pytest.raises(RuntimeError, match="the model worker (died: RuntimeError: scripted bug|is shut down)"):
+            await asyncio.wait_for(batcher.run(ForwardRow(_Sequence(), [2], 1)), timeout=5)
+        with pytest.raises(RuntimeError, match="shut down"):
+            await asyncio.wait_for(batcher.run(ForwardRow(_Sequence(), [3], 1)), timeout=5)
+        return first
+
+    assert asyncio.run(scenario())[0] is None
+
+
+def test_shutdown_during_a_regroup_wait_runs_no_more_forwards():
+    runner = _TimedRunner(forward_s=0.2)
+    batcher = ForwardBatcher(runner, max_batch_size=8, max_batch_tokens=64, regroup_fraction=1.0)
+
+    async def scenario():
+        late = _Sequence()
+        await asyncio.gather(batcher.run(ForwardRow(_Sequence(), [1], 1)), batcher.run(ForwardRow(late, [2], 1)))
+        # The worker now waits (up to 200 ms) for both sessions to come back; shut down meanwhile.
+        waiting = asyncio.ensure_future(batcher.run(ForwardRow(_Sequence(), [3], 1)))
+        await asyncio.sleep(0.01)
+        await asyncio.get_running_loop().run_in_executor(None, batcher.shutdown)
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(scenario())
+    assert [3] not in runner.batches
+
+
+def test_a_job_whose_sequence_is_released_while_it_waits_is_cancelled_not_forgotten():
+    runner = _TimedRunner(forward_s=0.1)
+    batcher = ForwardBatcher(runner, max_batch_size=1, max_batch_tokens=64)
+
+    async def scenario():
+        busy = asyncio.ensure_future(batcher.run(ForwardRow(_Sequence(), [1], 1)))
+        await asyncio.sleep(0.02)  # the worker is in its forward
+        released = _Sequence()
+        waiting = asyncio.ensure_future(batcher.run(ForwardRow(released, [2], 1)))
+        await asyncio.sleep(0)
+        released.release()
+        await busy
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(waiting, timeout=5)
+        batcher.shutdown()
+
+    asyncio.run(scenario())
+    assert [2] not in runner.batches
+
+
 def test_regroup_fraction_is_checked(capsys):
     with pytest.raises(ValueError, match="regroup_fraction"):
         ForwardBatcher(runner=None, max_batch_size=8, max_batch_tokens=64, regroup_fraction=1.5)
