@@ -54,15 +54,32 @@ class DraftWorkerProcess:
             command += ["--numa-node", str(numa_node)]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_SOURCE_ROOT), env.get("PYTHONPATH")]))
-        # Output goes to this process's stdout/stderr: the draft logs only warnings and errors.
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, env=env, start_new_session=True)
+        self._command, self._env = command, env
+        self.process = self._spawn()
         # A fork hook cannot be unregistered: it holds this object weakly and does nothing once it is gone.
         os.register_at_fork(after_in_child=functools.partial(_close_pipe_in_fork, weakref.ref(self)))
         log.info("draft worker pid %d starting on %s", self.process.pid, self.address)
 
+    def _spawn(self) -> subprocess.Popen:
+        # Output goes to this process's stdout/stderr: the draft logs only warnings and errors.
+        return subprocess.Popen(self._command, stdin=subprocess.PIPE, env=self._env, start_new_session=True)
+
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def exited(self) -> bool:
+        return self.process.poll() is not None
+
+    def restart(self) -> None:
+        """Start the child again, on the same socket address, after it exited (killed for memory, say)."""
+        if not self.exited():
+            return
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        os.makedirs(self.directory, exist_ok=True)  # the child may have removed it on its way out
+        self.process = self._spawn()
+        log.warning("draft worker restarted as pid %d on %s", self.process.pid, self.address)
 
     def wait_until_serving(self, timeout_s: float) -> None:
         """Block until the child answers health checks; raises RuntimeError if it exits or times out first."""

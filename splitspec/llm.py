@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NUM_SPECULATIVE_TOKENS = 4
 DRAFT_STARTUP_TIMEOUT_S = 300.0
+# A draft worker that died is started again by the next generate(), this many times in an LLM's life at most.
+MAX_DRAFT_WORKER_RESTARTS = 3
 
 # vLLM arguments that have no meaning here (memory, parallelism, scheduling, compilation...): accepted so that vLLM
 # code runs unchanged, and ignored with a warning.
@@ -74,8 +76,29 @@ class _Runtime:
         self.thread = threading.Thread(target=self.loop.run_forever, name="splitspec-llm", daemon=True)
         self.thread.start()
         self.draft: DraftWorkerProcess | InProcessDraft | None = None
+        self.draft_restarts = 0
         self.pool = None
         self.engine = None
+
+    def revive_draft_worker(self) -> None:
+        """Start a draft worker that died again, so that the LLM does not decode on the target alone for the rest
+        of its life; up to MAX_DRAFT_WORKER_RESTARTS times. A worker that does not come back leaves the requests to
+        the target alone, as before."""
+        draft = self.draft
+        if not isinstance(draft, DraftWorkerProcess) or not draft.exited():
+            return
+        if self.draft_restarts >= MAX_DRAFT_WORKER_RESTARTS:
+            return
+        self.draft_restarts += 1
+        log.warning("the draft worker exited with code %s: starting it again (%d of %d)", draft.process.returncode,
+                    self.draft_restarts, MAX_DRAFT_WORKER_RESTARTS)
+        draft.restart()
+        try:
+            draft.wait_until_serving(DRAFT_STARTUP_TIMEOUT_S)
+        except RuntimeError as exc:
+            log.error("the draft worker did not come back (%s): decoding on the target alone", exc)
+            return
+        self.run(self.pool.reconnect())
 
     def run(self, coroutine):
         future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
@@ -310,6 +333,7 @@ class LLM:
         if os.getpid() != self._runtime.pid:
             raise RuntimeError(f"this LLM belongs to process {self._runtime.pid}: a forked process cannot use it")
         prompts = parse_prompts(prompts)
+        self._runtime.revive_draft_worker()
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         elif not isinstance(sampling_params, (list, tuple)):

@@ -120,13 +120,13 @@ class DraftPool:
         self.target_vocabulary = target_vocabulary
         self.probe_interval_s = probe_interval_s
         self.max_backoff_s = max(max_backoff_s, probe_interval_s)
-        options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
+        self._channel_options = [("grpc.max_receive_message_length", max_message_bytes),
+                                 ("grpc.max_send_message_length", max_message_bytes)]
         self.endpoints = []
         self.security = security or ClientSecurity()
         self.metadata = self.security.call_metadata()
         for address in addresses:
-            channel = self.security.channel(address, options)
+            channel = self.security.channel(address, self._channel_options)
             self.endpoints.append(DraftEndpoint(address, draft_pb2_grpc.DraftServiceStub(channel), channel))
         self._monitors: list[asyncio.Task] = []
 
@@ -139,6 +139,16 @@ class DraftPool:
             monitor.cancel()
         for endpoint in self.endpoints:
             await endpoint.channel.close()
+
+    async def reconnect(self) -> None:
+        """New channels to every draft, probed at once: for a draft known to be back (restarted on the same address)
+        before the back-off's next probe, and without the old channel's reconnect back-off."""
+        for endpoint in self.endpoints:
+            old = endpoint.channel
+            endpoint.channel = self.security.channel(endpoint.address, self._channel_options)
+            endpoint.stub = draft_pb2_grpc.DraftServiceStub(endpoint.channel)
+            await old.close()
+        await asyncio.gather(*(self._probe(e) for e in self.endpoints))
 
     def _next_probe_delay(self, endpoint: DraftEndpoint) -> float:
         if endpoint.connected:

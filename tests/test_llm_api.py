@@ -125,6 +125,33 @@ def test_cpu_draft_worker_batch_gives_the_targets_greedy_output(worker_llm, refe
         assert metrics.first_token_time <= metrics.finished_time
 
 
+def test_a_draft_worker_that_died_is_started_again_by_the_next_generate(model_dirs, reference, monkeypatch):
+    from splitspec import llm as llm_module
+
+    monkeypatch.setattr(llm_module, "MAX_DRAFT_WORKER_RESTARTS", 1)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    with LLM(model=model_dirs["target"], speculative_model=model_dirs["related_draft"], num_speculative_tokens=2,
+             cpu_draft_worker=True) as llm:
+        for _ in range(llm_module.MAX_DRAFT_WORKER_RESTARTS):
+            pid = llm.draft_worker_pid
+            os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer would
+            deadline = time.monotonic() + 10
+            # Until it can be reaped: a killed process shows as a zombie while its other threads still exit.
+            while not llm._runtime.draft.exited() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            output = llm.generate(PROMPTS[0], params)[0]
+            assert output.outputs[0].token_ids == reference(PROMPTS[0], 16)
+            assert llm.draft_worker_pid != pid and is_running(llm.draft_worker_pid)
+            assert output.metrics.num_drafts > 0 and output.metrics.fallback_reason == ""
+        # Past the limit, a worker that dies again is left dead: the target decodes alone, with the reason.
+        os.kill(llm.draft_worker_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not llm._runtime.draft.exited() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        output = llm.generate(PROMPTS[0], params)[0]
+        assert output.outputs[0].token_ids == reference(PROMPTS[0], 16) and output.metrics.fallback_reason
+
+
 def test_sampling_with_a_seed_is_reproducible(worker_llm):
     # One prompt per call: the draft worker may run in bfloat16 (--dtype auto), where a request's logits shift with
     # the neighbours its forward passes are batched with; alone, a seed reproduces the output exactly.
