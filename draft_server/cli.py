@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from splitspec.server_cli import add_common_flags
+from splitspec.server_cli import add_common_flags, error
 from splitspec.topology import parse_cpu_list
 
 log = logging.getLogger("splitspec.draft")
@@ -54,17 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _unix_socket_path(host: str) -> str | None:
-    """The path of a unix:PATH or unix://PATH address; None for any other address."""
-    if not host.startswith("unix:"):
-        return None
-    path = host.removeprefix("unix:")
-    return path[2:] if path.startswith("//") else path
-
-
 def _owned_socket(args) -> str:
     """The socket in --remove-when-stdin-closes DIR; ValueError unless the flags name one socket directly in DIR."""
-    socket = _unix_socket_path(args.host)
+    from splitspec.grpc_server import unix_socket_path
+
+    socket = unix_socket_path(args.host)
     if not args.exit_when_stdin_closes or socket is None or (
         os.path.dirname(os.path.abspath(socket)) != os.path.abspath(args.remove_when_stdin_closes)
     ):
@@ -111,12 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             owned_socket = _owned_socket(args)
         except ValueError as exc:
-            print(f"splitspec-draft: error: {exc}", file=sys.stderr)
-            return 2
+            return error(PROG, exc)
     if args.exit_when_stdin_closes:
         _exit_when_stdin_closes(owned_socket)
     from splitspec import topology
-    from splitspec.server_cli import common_flags_problem, error, load_security
+    from splitspec.server_cli import common_flags_problem, load_security
 
     # Settings are checked before the model loads, which can take minutes (the model and addresses come after).
     if problem := common_flags_problem(args):
@@ -156,7 +149,7 @@ async def _serve(args, security, machine, pinning, isa, backend, dtype) -> int:
 
     from splitspec.grpc_server import ListenError
     from splitspec.metrics import DraftMetrics
-    from splitspec.server_cli import build_runner, build_server, cannot_listen, error
+    from splitspec.server_cli import build_runner, build_server, cannot_listen
 
     try:
         model = models.load_causal_lm(args.model, torch.device("cpu"), dtype)

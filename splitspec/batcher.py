@@ -133,7 +133,8 @@ class ForwardBatcher:
         while self._queue:
             job = self._queue.popleft()
             if job.cancelled():  # its request was cancelled, or its sequence released, while it waited
-                self._settle_threadsafe(job.future, job.future.cancel)
+                if not job.future.done():  # released: cancel it, so that no awaiter is left waiting
+                    self._settle_threadsafe(job.future, job.future.cancel)
                 continue
             width, real = max(columns, len(job.row.token_ids)), real_tokens + len(job.row.token_ids)
             padded = width * (len(batch) + 1)

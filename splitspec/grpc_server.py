@@ -56,18 +56,30 @@ def listen_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def unix_socket_path(host: str) -> str | None:
+    """The path of a `unix:PATH` or `unix://PATH` address; None for any other address."""
+    if not host.startswith("unix:"):
+        return None
+    path = host.removeprefix("unix:")
+    return path[2:] if path.startswith("//") else path
+
+
+def bare_host(host: str) -> str:
+    """`host` without the brackets an IPv6 literal may come in (`[::1]`), as sockets take it."""
+    return host.removeprefix("[").removesuffix("]")
+
+
 def _listen_error(address: str, host: str, port: int) -> ListenError:
     """Why grpc could not bind `address`, found by binding it the same way (grpc logs the reason but raises
     without it)."""
     try:
-        if host.startswith("unix:"):
-            path = host.removeprefix("unix://") if host.startswith("unix://") else host.removeprefix("unix:")
+        if (path := unix_socket_path(host)) is not None:
             with socket.socket(socket.AF_UNIX) as probe:
                 probe.bind(path)
             os.unlink(path)  # ours: binding created it
         elif not _is_socket_path(host):
             family, kind, protocol, _, sockaddr = socket.getaddrinfo(
-                host.removeprefix("[").removesuffix("]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+                bare_host(host), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
             with socket.socket(family, kind, protocol) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does
                 probe.bind(sockaddr)

@@ -134,9 +134,8 @@ class DraftMetrics:
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> int:
-    """Serve /metrics over HTTP on a daemon thread; returns the bound port (port 0 picks one). An IPv6 `host` may
-    come with or without brackets (as for --host)."""
-    host = host.removeprefix("[").removesuffix("]")
+    """Serve /metrics over HTTP on a daemon thread; returns the bound port (port 0 picks one). `host`: an IPv6
+    literal comes without brackets (grpc_server.bare_host)."""
     server, _thread = start_http_server(port, addr=host, registry=registry)
     bound = server.server_address[1]
     log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, bound)

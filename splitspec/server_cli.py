@@ -108,16 +108,16 @@ def build_runner(model, log):
 def build_server(args, registry, security):
     """The GrpcServer the flags describe, with its metrics endpoint started when asked for. Raises ListenError when
     an address cannot be listened on."""
-    from splitspec.grpc_server import GrpcServer, ListenError, listen_address
+    from splitspec.grpc_server import GrpcServer, ListenError, bare_host, listen_address
     from splitspec.metrics import RpcMetrics, serve_metrics
 
     server = GrpcServer(args.host, args.port, max_message_bytes=args.max_message_bytes, security=security,
                         rpc_metrics=RpcMetrics(registry))
     if args.metrics_port is not None:
+        metrics_host = bare_host(args.metrics_host)
         try:
-            serve_metrics(registry, args.metrics_host, args.metrics_port)
+            serve_metrics(registry, metrics_host, args.metrics_port)
         except OSError as exc:
-            raise ListenError(f"metrics endpoint: cannot listen on "
-                              f"{listen_address(args.metrics_host.strip('[]'), args.metrics_port)}: "
+            raise ListenError(f"metrics endpoint: cannot listen on {listen_address(metrics_host, args.metrics_port)}: "
                               f"{exc.strerror or exc}", transient=exc.errno == errno.EADDRINUSE) from exc
     return server

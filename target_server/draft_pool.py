@@ -126,8 +126,8 @@ class DraftPool:
         self.security = security or ClientSecurity()
         self.metadata = self.security.call_metadata()
         for address in addresses:
-            channel = self.security.channel(address, self._channel_options)
-            self.endpoints.append(DraftEndpoint(address, draft_pb2_grpc.DraftServiceStub(channel), channel))
+            channel, stub = self._connect(address)
+            self.endpoints.append(DraftEndpoint(address, stub, channel))
         self._monitors: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -145,10 +145,13 @@ class DraftPool:
         before the back-off's next probe, and without the old channel's reconnect back-off."""
         for endpoint in self.endpoints:
             old = endpoint.channel
-            endpoint.channel = self.security.channel(endpoint.address, self._channel_options)
-            endpoint.stub = draft_pb2_grpc.DraftServiceStub(endpoint.channel)
+            endpoint.channel, endpoint.stub = self._connect(endpoint.address)
             await old.close()
         await asyncio.gather(*(self._probe(e) for e in self.endpoints))
+
+    def _connect(self, address: str) -> tuple[grpc.aio.Channel, draft_pb2_grpc.DraftServiceStub]:
+        channel = self.security.channel(address, self._channel_options)
+        return channel, draft_pb2_grpc.DraftServiceStub(channel)
 
     def _next_probe_delay(self, endpoint: DraftEndpoint) -> float:
         if endpoint.connected:
@@ -193,27 +196,27 @@ class DraftPool:
         endpoint.connected, endpoint.error = connected, error
         endpoint.consecutive_failures = 0 if connected else endpoint.consecutive_failures + 1
 
-    def why_unusable(self, start: SessionStart, total_tokens: int) -> str | None:
+    def why_unusable(self, total_tokens: int) -> str | None:
         """Why no draft can serve this session, or None when one can."""
         if not self.endpoints:
             return "no draft server configured"
         if not any(e.connected for e in self.endpoints):
             return "no draft server connected: " + "; ".join(f"{e.address}: {e.error}" for e in self.endpoints)
-        if not any(self._fits(e, start, total_tokens) for e in self.endpoints if e.connected):
+        if not any(self._fits(e, total_tokens) for e in self.endpoints if e.connected):
             return "no connected draft server fits the request (the draft's context is shorter)"
         return None
 
     @staticmethod
-    def _fits(endpoint: DraftEndpoint, start: SessionStart, total_tokens: int) -> bool:
+    def _fits(endpoint: DraftEndpoint, total_tokens: int) -> bool:
         return total_tokens <= endpoint.max_context_tokens
 
     async def open(self, start: SessionStart, total_tokens: int) -> DraftLink:
         """Open a session on the least busy connected draft that fits it; raises DraftLinkError when none can."""
-        reason = self.why_unusable(start, total_tokens)
+        reason = self.why_unusable(total_tokens)
         if reason:
             raise DraftLinkError(reason)
         # Least busy first; among equally busy ones, the least used so far, so sequential sessions alternate.
-        endpoint = min((e for e in self.endpoints if e.connected and self._fits(e, start, total_tokens)),
+        endpoint = min((e for e in self.endpoints if e.connected and self._fits(e, total_tokens)),
                        key=lambda e: (e.live_sessions, e.sessions_opened))
         call = endpoint.stub.Speculate(metadata=self.metadata)
         endpoint.live_sessions += 1
