@@ -5,6 +5,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+from fake_topology import epyc_vm, graviton, no_numa, sapphire_rapids  # noqa: E402,F401 (fixtures)
 from servers import start_draft, start_target  # noqa: E402
 from tiny_models import build_llama, build_tokenizer, first_layers_of, save  # noqa: E402
 
