@@ -221,7 +221,8 @@ class TargetEngine:
                     self.metrics.record_inter_token(len(emitted), (now - last_update) / 1e9)
                 last_update = now
                 timing = RoundTiming(decided - round_started, draft_wait_ns, block.draft_ns if block else 0,
-                                     verify_ns, bool(block and block.drafted_ahead), batch_size)
+                                     verify_ns, bool(block and block.drafted_ahead), batch_size,
+                                     len(block.token_ids) if block else 0)
                 round_started = decided
                 # Not timed: the first round (it overlaps the prefills) and one that opened a draft session.
                 sizer.record_round(len(block.token_ids) if block else 0, timing.round_ns, verify_ns,

@@ -231,6 +231,10 @@ def test_stream_chunks_say_where_each_round_spent_its_time(target_related, refer
     assert sum(t.draft_wait_ns for t in timings) == stats.draft_wait_ns
     assert sum(t.verify_ns for t in timings) <= stats.verify_ns  # the stats also count the prefill
     assert sum(t.drafted_ahead for t in timings) == stats.num_drafts_ahead
+    # Each round's block size: the draft tokens it verified, of which the chunk's tokens but the last were accepted.
+    assert sum(t.num_draft_tokens for t in timings) == stats.num_draft_tokens
+    assert sum(len(c.token_ids) - 1 for c in chunks) == stats.num_accepted_tokens
+    assert all(0 < t.num_draft_tokens <= 3 for t in timings)
     for timing in timings:
         assert timing.round_ns >= timing.draft_wait_ns + timing.verify_ns > 0
         assert timing.block_draft_ns > 0 and timing.batch_size == 1

@@ -99,6 +99,7 @@ class RoundTiming:
     verify_ns: int
     drafted_ahead: bool
     batch_size: int
+    num_draft_tokens: int = 0  # the block's size (0: a round without one)
 
     @property
     def waited_draft_ns(self) -> int:

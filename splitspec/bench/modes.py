@@ -149,10 +149,16 @@ def run_deep_draft(pairs: dict, draft_cpus: list[int], target_cpus: list[int], l
             "seconds": round(time.monotonic() - started, 1)}
 
 
+def _median_ms(times_ns: list[int]) -> float:
+    return statistics.median(times_ns) / 1e6 if times_ns else float("nan")  # NaN: no such round (a fallback)
+
+
 def deep_draft_row(acceptance: float, pair, k: int, pipelined: runs.Run, sequential: runs.Run,
                    baseline: runs.Run) -> dict:
-    waited_ms = statistics.median(sequential.round_waited_draft_ns) / 1e6
-    verify_ms = statistics.median(sequential.round_verify_ns) / 1e6
+    # The rounds that drafted and verified a whole block of k (not the shorter ones at the end of each prompt)
+    full = [size == k for size in sequential.round_num_draft_tokens]
+    waited_ms = _median_ms([ns for ns, whole in zip(sequential.round_waited_draft_ns, full) if whole])
+    verify_ms = _median_ms(sequential.verify_ns_with_block(k))
     return {"acceptance_knob": acceptance, "alpha_at_build": round(pair.measured_acceptance, 4),
             "draft_wait_p50_ms": round(waited_ms, 2), "verify_p50_ms": round(verify_ms, 2),
             "draft_over_verify": round(waited_ms / verify_ms, 3),

@@ -34,8 +34,8 @@ class Run:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_drafts_ahead: int = 0
-    full_blocks: int = 0  # blocks of k draft tokens that were accepted whole
-    verify_ns: int = 0
+    full_blocks: int = 0  # blocks accepted whole, whatever their size
+    verify_ns: int = 0  # the stats' forward time: each request's prefill included
     draft_wait_ns: int = 0
     fallback_reasons: list[str] = dataclasses.field(default_factory=list)
     # Each round's RoundTiming, from the target's stream (rounds after each request's first, which overlaps the
@@ -48,6 +48,7 @@ class Run:
     round_overhead_ns: list[int] = dataclasses.field(default_factory=list)
     round_target_overhead_ns: list[int] = dataclasses.field(default_factory=list)  # the target's own part of it
     round_batch_sizes: list[int] = dataclasses.field(default_factory=list)
+    round_num_draft_tokens: list[int] = dataclasses.field(default_factory=list)  # its block's size, 0 without one
 
     def add_rounds(self, timings) -> None:
         """Record rounds from their RoundTimings (splitspec_client.RoundTiming)."""
@@ -58,6 +59,12 @@ class Run:
             self.round_overhead_ns.append(timing.overhead_ns)
             self.round_target_overhead_ns.append(timing.target_overhead_ns)
             self.round_batch_sizes.append(timing.batch_size)
+            self.round_num_draft_tokens.append(timing.num_draft_tokens)
+
+    def verify_ns_with_block(self, num_draft_tokens: int) -> list[int]:
+        """The verify forwards of the rounds whose block had `num_draft_tokens` tokens (0: target-only steps)."""
+        return [verify_ns for verify_ns, size in zip(self.round_verify_ns, self.round_num_draft_tokens)
+                if size == num_draft_tokens]
 
     @property
     def tokens_per_s(self) -> float:
@@ -66,8 +73,9 @@ class Run:
     @property
     def alpha(self) -> float:
         """Per-token acceptance probability (the alpha of Leviathan et al.), maximum likelihood: accepted draft
-        tokens over accepted plus rejected ones; a block has one rejection unless it was accepted whole.
-        (The stats' acceptance_rate, accepted / drafted, also counts the tokens after a rejection.)"""
+        tokens over accepted plus rejected ones; a block has one rejection unless it was accepted whole, whatever its
+        size (short blocks at the end of a request, a schedule's varying ones). (The stats' acceptance_rate,
+        accepted / drafted, also counts the tokens after a rejection.)"""
         rejections = self.num_drafts - self.full_blocks
         total = self.num_accepted_tokens + rejections
         return self.num_accepted_tokens / total if total else 0.0
@@ -83,15 +91,16 @@ def run_splitspec(client: Client, prompts: list[list[int]], max_new_tokens: int,
             token_ids += chunk.token_ids
             timings.append(chunk.round_timing)
             stats = chunk.stats or stats
+            # Accepted whole: the round's tokens are the block and the target's next token. With ignore_eos and no
+            # stop strings nothing cuts them short (the target sizes a block to fit in max_new_tokens).
+            block_size = chunk.round_timing.num_draft_tokens
+            run.full_blocks += 0 < block_size == len(chunk.token_ids) - 1
         run.wall_ns += time.perf_counter_ns() - started
         run.generated_tokens += len(token_ids)
         run.token_ids.append(tuple(token_ids))
         for field in ("rounds", "num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_drafts_ahead",
                       "verify_ns", "draft_wait_ns"):
             setattr(run, field, getattr(run, field) + getattr(stats, field))
-        # A short last block accepted whole counts as rejected: alpha comes out a little low, never high.
-        per_position = stats.num_accepted_tokens_per_pos
-        run.full_blocks += per_position[k - 1] if 0 < k <= len(per_position) else 0
         if stats.fallback_reason:
             run.fallback_reasons.append(stats.fallback_reason)
         run.add_rounds(timings[1:])
