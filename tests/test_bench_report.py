@@ -1,7 +1,9 @@
 """`make bench`'s arithmetic (splitspec/bench/runs.py, report.py, modes.py) on scripted streams: what it derives
 from the target's stream chunks and stats, without servers."""
 
+import json
 import math
+import pathlib
 
 import pytest
 from splitspec_client import GenerationStats, RoundTiming, StreamChunk
@@ -91,3 +93,35 @@ def test_deep_draft_ratio_compares_whole_blocks_of_k():
     row = modes.deep_draft_row(0.9, type("Pair", (), {"measured_acceptance": 0.9}), 3, sequential, sequential,
                                baseline)
     assert row["verify_p50_ms"] == pytest.approx(33.5)  # the rounds after the first with a block of 3
+
+
+RESULTS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results" / "cpu-2core.json"  # a real run
+
+
+def _bench_main_on(results: dict, tmp_path, monkeypatch) -> int:
+    """`python -m splitspec.bench` printing and judging `results` instead of measuring them."""
+    from splitspec.bench import __main__ as bench
+
+    monkeypatch.setattr(bench, "sweep", lambda config, args, progress: results)
+    monkeypatch.setattr(report, "plot", lambda results, path: None)
+    return bench.main(["--output", str(tmp_path)])
+
+
+def test_bench_passes_when_every_output_is_target_onlys(tmp_path, monkeypatch, capsys):
+    results = json.loads(RESULTS.read_text())
+    assert report.output_problems(results) == []
+    assert _bench_main_on(results, tmp_path, monkeypatch) == 0
+    assert "FAILED" not in capsys.readouterr().err
+
+
+def test_bench_fails_loudly_when_an_output_differs_or_a_run_fell_back(tmp_path, monkeypatch, capsys):
+    results = json.loads(RESULTS.read_text())
+    results["runs"][14]["same_tokens_as_baseline"] = False  # alpha knob 0.9, k 4
+    results["modes"]["concurrency"][3]["fallbacks"] = 2
+    results["modes"]["deep_draft"]["rows"][0]["same_tokens_as_baseline"] = False
+    assert _bench_main_on(results, tmp_path, monkeypatch) == 1  # before: 0, the flags only in bench.json
+    err = capsys.readouterr().err
+    assert "FAILED: sweep (acceptance_knob 0.9, k 4): output differs from target-only" in err
+    assert "FAILED: modes concurrency (streams 8): 2 fallback(s) to target-only decoding" in err
+    assert "FAILED: deep-draft pipelining (acceptance_knob 0.9, k 3): output differs from target-only" in err
+    assert err.count("FAILED") == 3

@@ -13,8 +13,9 @@ After the sweep, the modes (splitspec/bench/modes.py; --no-modes skips them): pi
 fixed k, and 1/2/4/8 concurrent streams, on the alpha 0.9 pair (--modes-acceptance picks another); then pipelined vs
 sequential on the deep-draft pairs at alpha 0.9 and 0.95, where k x draft step ~ verify.
 
-Writes OUTPUT/bench.json and OUTPUT/bench.png, and prints a table. Read the speedups as ratios: the draft and the
-target share one small machine here, and the absolute times count only on a GPU.
+Writes OUTPUT/bench.json and OUTPUT/bench.png, and prints a table; exits 1 if any system's output differed from
+target-only decoding's or fell back to it. Read the speedups as ratios: the draft and the target share one small
+machine here, and the absolute times count only on a GPU.
 """
 
 import argparse
@@ -125,7 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     png = report.plot(results, args.output / "bench.png")
     print(f"wrote {json_path}" + (f" and {png}" if png else " (no plot: matplotlib is not installed)"))
     progress("done")
-    return 0
+    # The tables show speeds only: outputs that differ from target-only (or runs that fell back) must not pass
+    # unnoticed. bench.json has the rows' same_tokens_as_baseline and fallbacks.
+    problems = report.output_problems(results)
+    for problem in problems:
+        print(f"FAILED: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def sweep(config: dict, args, progress: Progress) -> dict:

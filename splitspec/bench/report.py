@@ -174,6 +174,28 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def output_problems(results: dict) -> list[str]:
+    """Every compared system whose greedy output was not target-only's token for token, or that fell back to
+    target-only decoding: its speed is not speculative decoding's (or not exact decoding's), whatever the table says.
+    Empty when all is well."""
+    modes = results.get("modes", {})
+    sections = [("sweep", results.get("runs", [])), ("goodput schedule", results.get("schedules", [])),
+                ("modes pipelining", modes.get("pipelining", [])),
+                ("modes heuristic schedule", [modes["adaptive"]] if "adaptive" in modes else []),
+                ("modes goodput schedule", [modes["goodput"]] if "goodput" in modes else []),
+                ("modes concurrency", modes.get("concurrency", [])),
+                ("deep-draft pipelining", modes.get("deep_draft", {}).get("rows", []))]
+    problems = []
+    for section, rows in sections:
+        for row in rows:
+            where = ", ".join(f"{key} {row[key]}" for key in ("acceptance_knob", "k", "max_k", "streams") if key in row)
+            if not row["same_tokens_as_baseline"]:
+                problems.append(f"{section} ({where}): output differs from target-only")
+            if row["fallbacks"]:
+                problems.append(f"{section} ({where}): {row['fallbacks']} fallback(s) to target-only decoding")
+    return problems
+
+
 def write_json(results: dict, path: pathlib.Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
