@@ -125,3 +125,14 @@ def test_bench_fails_loudly_when_an_output_differs_or_a_run_fell_back(tmp_path, 
     assert "FAILED: modes concurrency (streams 8): 2 fallback(s) to target-only decoding" in err
     assert "FAILED: deep-draft pipelining (acceptance_knob 0.9, k 3): output differs from target-only" in err
     assert err.count("FAILED") == 3
+
+
+def test_bench_json_names_the_commit_measured():
+    import subprocess
+
+    from splitspec.bench.__main__ import machine
+
+    head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True,
+                          cwd=pathlib.Path(__file__).resolve().parent, check=True).stdout.strip()
+    commit = machine([0, 1], [0], [1], [0, 1])["commit"]
+    assert commit.removesuffix("-dirty") == head  # before: no commit in bench.json, the README's named by hand

@@ -23,6 +23,7 @@ import datetime
 import os
 import pathlib
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -282,7 +283,20 @@ def machine(all_cpus, draft_cpus, target_cpus, client_cpus, target_device: str =
         "hf_cpus": format_cpu_list(target_cpus),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "commit": source_commit(),
     }
+
+
+def source_commit() -> str:
+    """The commit of the code measured (with -dirty for uncommitted changes), so that a README quoting a run can be
+    checked against its bench.json; "unknown" outside a git checkout."""
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"],
+                                   capture_output=True, text=True, timeout=10,
+                                   cwd=pathlib.Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return described.stdout.strip() if described.returncode == 0 and described.stdout.strip() else "unknown"
 
 
 if __name__ == "__main__":
