@@ -33,6 +33,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # After the grace period: how long cancelled handlers get to release their sessions.
 HANDLER_EXIT_S = 5.0
 
+# A call cancelled with less than this left before its deadline ran out of time: the server's deadline is the
+# client's plus the request's transit, so the client's own deadline may fire (and cancel the call) a moment earlier.
+DEADLINE_SLACK_S = 0.05
+
 
 class ListenError(OSError):
     """An address the server cannot listen on. `transient` when another process holds it (an old instance still
@@ -136,6 +140,12 @@ class _Call:
             raise request.as_error()
         return _checked_stream(request) if client_streaming else request
 
+    def cancelled(self) -> None:
+        """The call ended before its handler: grpc cancels the handler alike whether the client cancelled the call
+        or its deadline passed; the deadline tells them apart (the client saw DEADLINE_EXCEEDED)."""
+        remaining = self.context.time_remaining()
+        self.code = "DEADLINE_EXCEEDED" if remaining is not None and remaining < DEADLINE_SLACK_S else "CANCELLED"
+
     async def fail(self, exc: Exception) -> None:
         if isinstance(exc, grpc.aio.AbortError):
             self.code = (self.context.code() or grpc.StatusCode.UNKNOWN).name
@@ -229,7 +239,7 @@ class GrpcServer:
                     async for response in responses:
                         yield response
                 except (asyncio.CancelledError, GeneratorExit):
-                    call.code = "CANCELLED"
+                    call.cancelled()
                     raise
                 except Exception as exc:  # noqa: BLE001 - every outcome gets its status here
                     await call.fail(exc)
@@ -250,7 +260,7 @@ class GrpcServer:
                     request = call.admit(request, method.client_streaming)
                     return await implementation(request, context)
                 except asyncio.CancelledError:
-                    call.code = "CANCELLED"
+                    call.cancelled()
                     raise
                 except Exception as exc:  # noqa: BLE001
                     await call.fail(exc)

@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from splitspec_client import (Client, ResourceExhaustedError, UnauthenticatedError,
+from splitspec_client import (Client, DeadlineExceededError, ResourceExhaustedError, UnauthenticatedError,
                               UnavailableError)
 from splitspec_client.v1 import draft_pb2, draft_pb2_grpc
 
@@ -60,6 +60,53 @@ def test_prometheus_metrics_on_both_halves(model_dirs, log_dir, reference):
     finally:
         assert target.stop() == 0
         assert draft.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def metered(model_dirs, log_dir):
+    """A target with metrics and its draft. Tests read the changes their own calls make to the counters."""
+    draft = start_draft(model_dirs["related_draft"], log_dir, "metered-draft", *METRICS_FLAGS)
+    target = start_target(model_dirs["target"], log_dir, "metered-target", [draft.address], *METRICS_FLAGS)
+    yield target
+    assert target.stop() == 0
+    assert draft.stop() == 0
+
+
+def _rpc_counts(target, method: str) -> dict[str, float]:
+    counts = {}
+    for line in scrape(target).splitlines():
+        if line.startswith("splitspec:rpc_requests_total{") and f'method="{method}"' in line:
+            counts[line.split('code="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def _wait_for_rpc_count(target, method: str, total: float) -> dict[str, float]:
+    """The method's counts by code once they add up to `total` (a cancelled handler finishes after the client)."""
+    deadline = time.monotonic() + 10
+    while sum((counts := _rpc_counts(target, method)).values()) < total and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return counts
+
+
+GENERATE, GENERATE_STREAM = "/splitspec.v1.TargetService/Generate", "/splitspec.v1.TargetService/GenerateStream"
+
+
+def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded_and_a_cancelled_one_as_cancelled(metered):
+    before = {method: _rpc_counts(metered, method) for method in (GENERATE, GENERATE_STREAM)}
+    with Client(metered.address) as client:
+        # 480 tokens take the tiny model about a second.
+        with pytest.raises(DeadlineExceededError):
+            client.generate(PROMPT, max_new_tokens=480, ignore_eos=True, timeout=0.2)
+        with pytest.raises(DeadlineExceededError):
+            list(client.stream(PROMPT, max_new_tokens=480, ignore_eos=True, timeout=0.2))
+        chunks = client.stream(PROMPT, max_new_tokens=480, ignore_eos=True, timeout=60)
+        next(chunks)
+        chunks.close()
+    for method, calls in ((GENERATE, 1), (GENERATE_STREAM, 2)):
+        after = _wait_for_rpc_count(metered, method, sum(before[method].values()) + calls)
+        change = {code: count - before[method].get(code, 0) for code, count in after.items()}
+        assert {code: count for code, count in change.items() if count} == (
+            {"DEADLINE_EXCEEDED": 1} if method == GENERATE else {"DEADLINE_EXCEEDED": 1, "CANCELLED": 1})
 
 
 @pytest.fixture(scope="module")
