@@ -80,6 +80,8 @@ class TargetMetrics:
         self.num_accepted_tokens_per_pos = Counter("splitspec:spec_decode_num_accepted_tokens_per_pos",
                                                    "Draft tokens accepted, by position in the block", ["position"],
                                                    registry=registry)
+        # Counted as the tokens are processed, as vLLM counts them: a request cancelled or timed out midway counts
+        # too, as its rounds do in spec_decode_* (generation tokens = accepted + one per round, bar the cut last one).
         self.generation_tokens = Counter("splitspec:generation_tokens", "Tokens generated", registry=registry)
         self.prompt_tokens = Counter("splitspec:prompt_tokens", "Prompt tokens processed", registry=registry)
         self.draft_wait = Histogram("splitspec:draft_wait_seconds", "Per request: time spent waiting for draft blocks",
@@ -102,15 +104,20 @@ class TargetMetrics:
         for position in range(accepted_len):
             self.num_accepted_tokens_per_pos.labels(str(position)).inc()
 
+    def record_first_tokens(self, num_prompt_tokens: int, num_tokens: int, seconds: float) -> None:
+        """A request's first round: its prompt processed, its first `num_tokens` out `seconds` after it arrived."""
+        self.prompt_tokens.inc(num_prompt_tokens)
+        self.generation_tokens.inc(num_tokens)
+        self.time_to_first_token.observe(seconds)
+
     def record_inter_token(self, num_tokens: int, seconds: float) -> None:
         """A round after the first produced `num_tokens` in `seconds`: each token's share is its latency."""
+        self.generation_tokens.inc(num_tokens)
         for _ in range(num_tokens):
             self.inter_token_latency.observe(seconds / num_tokens)
 
     def record_finish(self, stats) -> None:
         self.e2e_request_latency.observe(stats.total_time_ns / 1e9)
-        self.generation_tokens.inc(stats.generated_tokens)
-        self.prompt_tokens.inc(stats.prompt_tokens)
         self.draft_wait.observe(stats.draft_wait_ns / 1e9)
         self.verify_time.observe(stats.verify_ns / 1e9)
         if stats.fallback_reason and stats.draft_server:

@@ -216,7 +216,8 @@ class TargetEngine:
                 now = time.perf_counter_ns()
                 if not stats.time_to_first_token_ns:
                     stats.time_to_first_token_ns = now - arrived
-                    self.metrics.time_to_first_token.observe(stats.time_to_first_token_ns / 1e9)
+                    self.metrics.record_first_tokens(stats.prompt_tokens, len(emitted),
+                                                     stats.time_to_first_token_ns / 1e9)
                 else:
                     self.metrics.record_inter_token(len(emitted), (now - last_update) / 1e9)
                 last_update = now

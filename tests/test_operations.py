@@ -109,6 +109,39 @@ def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded_and_a_cancelle
             {"DEADLINE_EXCEEDED": 1} if method == GENERATE else {"DEADLINE_EXCEEDED": 1, "CANCELLED": 1})
 
 
+def _token_counters(target) -> dict[str, float]:
+    text = scrape(target)
+    names = ["generation_tokens_total", "prompt_tokens_total", "spec_decode_num_accepted_tokens_total",
+             "time_to_first_token_seconds_count"]
+    counters = {name: metric(text, f"splitspec:{name}") for name in names}
+    counters["rounds"] = sum(metric(text, "splitspec:decode_rounds_total", kind=kind)
+                             for kind in ("speculative", "target_only"))
+    return counters
+
+
+def test_tokens_of_cancelled_and_timed_out_requests_are_counted_as_they_are_generated(metered):
+    """As vLLM counts them: per round, not when a request finishes, so that generation_tokens_total agrees with
+    the spec_decode counters (accepted + one per round) whatever ends the request."""
+    with Client(metered.address, timeout=60) as client:
+        prompt_tokens = client.generate(PROMPT, max_new_tokens=1).stats.prompt_tokens
+        before = _token_counters(metered)
+        calls_before = {method: sum(_rpc_counts(metered, method).values()) for method in (GENERATE, GENERATE_STREAM)}
+        received = 0
+        for received, _chunk in enumerate(client.stream(PROMPT, max_new_tokens=480, ignore_eos=True), 1):
+            if received == 3:
+                break
+        with pytest.raises(DeadlineExceededError):
+            client.generate(PROMPT, max_new_tokens=480, ignore_eos=True, timeout=0.2)
+    for method, total in calls_before.items():
+        _wait_for_rpc_count(metered, method, total + 1)
+    change = {name: value - before[name] for name, value in _token_counters(metered).items()}
+    assert change["prompt_tokens_total"] == 2 * prompt_tokens
+    assert change["time_to_first_token_seconds_count"] == 2
+    assert change["generation_tokens_total"] >= received + 1
+    # Neither request reached its length: each round gave its accepted tokens and one of the target's.
+    assert change["generation_tokens_total"] == change["spec_decode_num_accepted_tokens_total"] + change["rounds"]
+
+
 @pytest.fixture(scope="module")
 def secured(model_dirs, log_dir, tmp_path_factory):
     """Draft: mutual TLS, only certificate 'target' allowed, token required. Target: TLS and a token for clients."""
