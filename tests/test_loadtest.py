@@ -4,13 +4,17 @@ loopback) checking that the report's counts agree with what was asked and with e
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import threading
+import time
+import types
 
 import pytest
 
 from splitspec_client.cli import main
-from splitspec_client.loadtest import LoadPlan, Outcome, percentile, summarize
+from splitspec_client.loadtest import LoadPlan, LoadRun, Outcome, percentile, summarize
 
 MAX_NEW_TOKENS = 8
 
@@ -51,6 +55,32 @@ def test_a_plan_must_end_by_itself():
     # Every prompt is checked, not only the first: a worker would otherwise die on it.
     with pytest.raises(ValueError, match="^prompt: "):
         LoadPlan(prompts=("x", "\udcff"), params={}, total=2)
+
+
+class _SlowClient:
+    """Answers each Generate after `seconds`, as a server would (LoadRun needs only `generate`)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def generate(self, prompt, **params):
+        time.sleep(self.seconds)
+        stats = types.SimpleNamespace(num_draft_tokens=0, num_accepted_tokens=0, fallback_reason="")
+        return types.SimpleNamespace(token_ids=(1, 2), stats=stats)
+
+
+def test_ctrl_c_stops_sending_and_the_requests_in_flight_finish_into_the_report():
+    """Ctrl-C lands in the main thread while it waits for the workers; on Python 3.11 an interrupted
+    Thread.join marks a live thread as stopped (bpo-45274), so the run must not rely on joins."""
+    plan = LoadPlan(prompts=("x",), params={}, concurrency=1, total=100)
+    progress = []
+    # A real SIGINT to the main thread, as Ctrl-C sends: it interrupts the wait the main thread is blocked in.
+    threading.Timer(0.4, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+    report = LoadRun(_SlowClient(1.0), plan).run(on_progress=progress.append, interval_s=0.05)
+    # The request in flight at the interrupt finished and is counted; none was sent after it.
+    assert (report["count"], report["ok"], report["generated_tokens"]) == (1, 1, 2)
+    assert (progress[-1].done, progress[-1].in_flight) == (1, 0)
+    assert report["wall_time_s"] >= 1.0
 
 
 def _loadtest(address: str, tmp_path, *args: str) -> tuple[int, dict]:

@@ -82,6 +82,11 @@ class LoadRun:
         self._plan = plan
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # Set by the last worker to end. The main thread waits on it, not on Thread.join: a Ctrl-C that interrupts
+        # join() on Python 3.11 marks the thread stopped while it still runs (bpo-45274), and the report would then
+        # leave out the requests in flight.
+        self._workers_done = threading.Event()
+        self._workers_left = 0
         self._scheduled = 0
         self._in_flight = 0
         self._outcomes: list[Outcome] = []
@@ -91,23 +96,23 @@ class LoadRun:
         """Send the plan's requests and return the report (see `summarize`). Ctrl-C stops sending; the requests in
         flight finish and the report covers what was done."""
         self._start = time.monotonic()
-        workers = [threading.Thread(target=self._work, daemon=True) for _ in range(self._plan.concurrency)]
-        for worker in workers:
-            worker.start()
+        self._workers_left = self._plan.concurrency
+        for _ in range(self._plan.concurrency):
+            threading.Thread(target=self._work, daemon=True).start()
         try:
-            for worker in workers:
-                while worker.is_alive():
-                    worker.join(interval_s)
-                    if on_progress is not None:
-                        on_progress(self.progress())
+            self._wait_for_workers(on_progress, interval_s)
         except KeyboardInterrupt:
             self._stop.set()
-            for worker in workers:
-                worker.join()
+            self._wait_for_workers(on_progress, interval_s)
         wall_time_s = time.monotonic() - self._start
         if on_progress is not None:
             on_progress(self.progress())
         return summarize(self._outcomes, wall_time_s)
+
+    def _wait_for_workers(self, on_progress: Callable[[Progress], None] | None, interval_s: float) -> None:
+        while not self._workers_done.wait(interval_s):
+            if on_progress is not None:
+                on_progress(self.progress())
 
     def progress(self) -> Progress:
         with self._lock:
@@ -129,17 +134,23 @@ class LoadRun:
             return index, due
 
     def _work(self) -> None:
-        while (slot := self._next()) is not None:
-            index, due = slot
-            # A stop during the wait leaves this slot unsent: only requests that were sent are counted.
-            if self._stop.wait(max(0.0, due - time.monotonic())):
-                return
+        try:
+            while (slot := self._next()) is not None:
+                index, due = slot
+                # A stop during the wait leaves this slot unsent: only requests that were sent are counted.
+                if self._stop.wait(max(0.0, due - time.monotonic())):
+                    return
+                with self._lock:
+                    self._in_flight += 1
+                outcome = self._send(self._plan.prompts[index % len(self._plan.prompts)])
+                with self._lock:
+                    self._in_flight -= 1
+                    self._outcomes.append(outcome)
+        finally:
             with self._lock:
-                self._in_flight += 1
-            outcome = self._send(self._plan.prompts[index % len(self._plan.prompts)])
-            with self._lock:
-                self._in_flight -= 1
-                self._outcomes.append(outcome)
+                self._workers_left -= 1
+                if self._workers_left == 0:
+                    self._workers_done.set()
 
     def _send(self, prompt: str) -> Outcome:
         started = time.perf_counter()
