@@ -417,6 +417,9 @@ class LLM:
             stop_reason = self._matched_stop(prepared, token_ids)
             if prepared.params.include_stop_str_in_output and stop_reason:
                 text += stop_reason
+        elif final.finish_reason == "eos_token" and prepared.params.include_stop_str_in_output:
+            # The engine leaves the end-of-sequence token out of the text; vLLM puts it back on this flag.
+            text += self.tokenizer.decode(token_ids[-1:], skip_special_tokens=True)
         completion = CompletionOutput(index=0, text=text if prepared.params.detokenize else "", token_ids=token_ids,
                                       finish_reason=finish_reason, stop_reason=stop_reason)
         request = prepared.request

@@ -207,7 +207,9 @@ class TargetEngine:
                     stats.num_drafts_ahead += block.drafted_ahead
                     stats.record_block(len(block.token_ids), verification.accepted_len)
                     self.metrics.record_block(len(block.token_ids), verification.accepted_len)
-                for count, token_id in enumerate(emitted, 1):
+                # The end-of-sequence token that ends the request adds no text, as in vLLM: a tokenizer need not
+                # count it special (DeepSeek-Coder's <|EOT|>), and skip_special_tokens would then show it.
+                for count, token_id in enumerate(emitted[:-1] if finish_reason == "eos_token" else emitted, 1):
                     detokenizer.add_token(token_id)
                     if detokenizer.stopped:
                         emitted, finish_reason = emitted[:count], "stop_sequence"

@@ -93,6 +93,34 @@ def test_stop_string_cuts_text_and_ends_generation(target_unrelated, reference):
     assert "".join(c.text for c in chunks) == result.text  # nothing past the stop string was ever streamed
 
 
+def test_an_eos_the_tokenizer_does_not_count_special_adds_no_text(model_dirs, log_dir, tmp_path, reference):
+    """The EOS that ends a completion is in its token ids, not in its text (as in vLLM), also when the tokenizer does
+    not count it special (DeepSeek-Coder's <|EOT|>), where skip_special_tokens would keep it."""
+    import json
+    import shutil
+
+    from servers import start_target
+
+    decode = reference.tokenizer.decode
+    greedy = reference(PROMPTS[1], 16)
+    eos = next(t for t in greedy[2:] if decode([t]).strip().isprintable())  # a plain token that shows as text
+    expected = greedy[: greedy.index(eos) + 1]
+    directory = shutil.copytree(model_dirs["target"], tmp_path / "plain-eos")
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((directory / name).read_text())
+        (directory / name).write_text(json.dumps(config | {"eos_token_id": eos}))
+    target = start_target(str(directory), log_dir, "target-plain-eos", [])
+    try:
+        with Client(target.address, timeout=60) as client:
+            result = client.generate(PROMPTS[1], max_new_tokens=16)
+            chunks = list(client.stream(PROMPTS[1], max_new_tokens=16))
+    finally:
+        assert target.stop() == 0
+    assert (list(result.token_ids), result.finish_reason) == (expected, "eos_token")
+    assert result.text == "".join(c.text for c in chunks) == decode(expected[:-1])
+    assert [t for c in chunks for t in c.token_ids] == expected and chunks[-1].finish_reason == "eos_token"
+
+
 def test_eight_concurrent_clients_each_get_their_own_output(target_unrelated, reference):
     prompts = [f"{p} {i}" for i, p in enumerate(PROMPTS * 3)][:8]
     expected = {p: reference(p, 40) for p in prompts}

@@ -332,6 +332,28 @@ def test_without_an_eos_in_its_configs_the_tokenizers_ends_the_output(model_dirs
     assert (output.token_ids, output.finish_reason) == (expected, "stop")
 
 
+def test_an_eos_the_tokenizer_does_not_count_special_adds_no_text(model_dirs, tmp_path, reference):
+    """As in vLLM, the end-of-sequence token that ends the output leaves no text, even when the tokenizer does not
+    count it special (DeepSeek-Coder's <|EOT|>) and skip_special_tokens keeps it; include_stop_str_in_output puts it
+    back. The target as its own draft: the EOS comes inside an accepted block, with draft tokens after it."""
+    decode = reference.tokenizer.decode
+    greedy = reference(PROMPTS[1], 16)
+    eos = next(t for t in greedy[2:] if decode([t]).strip().isprintable())  # a plain token that shows as text
+    expected = greedy[: greedy.index(eos) + 1]
+    directory = shutil.copytree(model_dirs["target"], tmp_path / "plain-eos")
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((directory / name).read_text())
+        (directory / name).write_text(json.dumps(config | {"eos_token_id": eos}))
+    with LLM(model=str(directory), speculative_model=str(directory), num_speculative_tokens=8) as llm:
+        [output] = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=16))
+        [kept] = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=16, include_stop_str_in_output=True))
+    completion = output.outputs[0]
+    assert (completion.token_ids, completion.finish_reason, completion.stop_reason) == (expected, "stop", None)
+    assert completion.text == decode(expected[:-1]) and decode([eos]) not in completion.text
+    assert output.metrics.num_accepted_tokens >= len(expected)  # the block went on past the EOS
+    assert kept.outputs[0].text == decode(expected)
+
+
 @pytest.mark.parametrize("config, context", [
     ({"max_position_embeddings": 512}, 512),
     ({"n_positions": 48}, 48),  # GPT-2
