@@ -235,6 +235,10 @@ class TargetEngine:
                 if finish_reason:
                     await speculation.close()
                     detokenizer.flush()
+                    if detokenizer.stopped:
+                        # The stop string ended in text held back until now (an incomplete character, as a lone
+                        # byte's U+FFFD): the text is cut there, and the reason must say so.
+                        finish_reason = "stop_sequence"
                     stats.generated_tokens = len(generated)
                     stats.total_time_ns = time.perf_counter_ns() - arrived
                     stats.draft_server, stats.fallback_reason = speculation.draft_server, speculation.fallback_reason

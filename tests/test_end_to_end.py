@@ -93,6 +93,22 @@ def test_stop_string_cuts_text_and_ends_generation(target_unrelated, reference):
     assert "".join(c.text for c in chunks) == result.text  # nothing past the stop string was ever streamed
 
 
+def test_a_stop_string_in_the_last_incomplete_character_is_the_finish_reason(target_alone, reference):
+    """Text ending in an incomplete character (a lone byte, U+FFFD) is held back until the end; a stop string found in
+    it then cuts the text, and the finish reason says so (it said "length" over a cut text)."""
+    decode = reference.tokenizer.decode
+    greedy = reference(PROMPTS[0], 16)
+    # The first completion that ends inside a character (this tiny model emits lone bytes).
+    end = next(n for n in range(1, 17) if decode(greedy[:n]).endswith("\ufffd"))
+    assert "\ufffd" not in decode(greedy[: end - 1])
+    with Client(target_alone.address, timeout=60) as client:
+        result = client.generate(PROMPTS[0], max_new_tokens=end, ignore_eos=True, stop=["\ufffd"])
+        chunks = list(client.stream(PROMPTS[0], max_new_tokens=end, ignore_eos=True, stop=["\ufffd"]))
+    assert (list(result.token_ids), result.finish_reason) == (greedy[:end], "stop_sequence")
+    assert result.text == "".join(c.text for c in chunks) == decode(greedy[:end])[:-1]
+    assert chunks[-1].finish_reason == "stop_sequence"
+
+
 def test_an_eos_the_tokenizer_does_not_count_special_adds_no_text(model_dirs, log_dir, tmp_path, reference):
     """The EOS that ends a completion is in its token ids, not in its text (as in vLLM), also when the tokenizer does
     not count it special (DeepSeek-Coder's <|EOT|>), where skip_special_tokens would keep it."""
