@@ -1,5 +1,7 @@
 """Incremental detokenization with stop strings, for streaming text as tokens are accepted."""
 
+import os
+
 
 class IncrementalDetokenizer:
     """Turns generated tokens into text deltas.
@@ -24,14 +26,24 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def _new_text(self) -> str:
+        """What the tokens after `read_offset` add to the text."""
+        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.token_ids[self.prefix_offset :])
+        if prefix_text.endswith("\ufffd") and not text.startswith(prefix_text):
+            # Only a prompt ends so (generated text is held back while it does): inside a character, which the new
+            # tokens completed. All of the character is new text, as in vLLM. (After a literal U+FFFD that ends a
+            # prompt, the text still starts with it: it stays the prompt's.)
+            return text[len(os.path.commonprefix([prefix_text, text])) :]
+        return text[len(prefix_text) :]
+
     def add_token(self, token_id: int) -> None:
         """Append one token; sets `stopped` when the text now contains a stop string (the text is cut before it)."""
         self.token_ids.append(token_id)
-        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
-        new_text = self._decode(self.token_ids[self.prefix_offset :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+        new_text = self._new_text()
+        if new_text and not new_text.endswith("\ufffd"):
             search_from = max(len(self.text) - max((len(s) for s in self.stop), default=0), 0)
-            self.text += new_text[len(prefix_text) :]
+            self.text += new_text
             self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
             self._check_stop(search_from)
 
@@ -43,11 +55,10 @@ class IncrementalDetokenizer:
 
     def flush(self) -> None:
         """At the end: render whatever is held back, an incomplete character included."""
-        tail = self._decode(self.token_ids[self.prefix_offset :])
-        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
-        if not self.stopped and len(tail) > len(prefix_text):
+        tail = self._new_text()
+        if not self.stopped and tail:
             search_from = max(len(self.text) - max((len(s) for s in self.stop), default=0), 0)
-            self.text += tail[len(prefix_text) :]
+            self.text += tail
             self._check_stop(search_from)
         self.read_offset = len(self.token_ids)
 

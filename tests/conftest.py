@@ -93,3 +93,22 @@ def reference(model_dirs):
     greedy.tokenizer = tokenizer
     greedy.model = model
     return greedy
+
+
+@pytest.fixture(scope="session")
+def prompt_cut_inside_a_character(reference):
+    """(prompt token ids, character): a prompt whose last token is the first byte of a two-byte character and whose
+    greedy continuation's first token is the byte that completes it, as when a completion that ended mid-character
+    is continued. This tiny model emits lone bytes often enough for some lead byte to be followed so."""
+    import torch
+
+    tokenizer = reference.tokenizer
+    base = tokenizer.encode("x = 1")
+    lone_bytes = [t for t in range(len(tokenizer)) if tokenizer.decode([t]) == "\ufffd"]
+    with torch.no_grad():
+        next_ids = reference.model(torch.tensor([base + [t] for t in lone_bytes])).logits[:, -1].argmax(-1).tolist()
+    for lead, following in zip(lone_bytes, next_ids):
+        character = tokenizer.decode([lead, following])
+        if len(character) == 1 and character != "\ufffd":
+            return base + [lead], character
+    raise AssertionError("no lead byte of this model is followed by its continuation byte")

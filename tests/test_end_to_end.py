@@ -109,6 +109,18 @@ def test_a_stop_string_in_the_last_incomplete_character_is_the_finish_reason(tar
     assert chunks[-1].finish_reason == "stop_sequence"
 
 
+def test_a_prompt_cut_inside_a_character_gets_the_whole_character(target_alone, prompt_cut_inside_a_character):
+    """Continuing a completion that ended inside a character (its text ends in U+FFFD): the token that completes the
+    character renders all of it, as in vLLM. It was dropped: the continuation's text began after it."""
+    prompt_token_ids, character = prompt_cut_inside_a_character
+    with Client(target_alone.address, timeout=60) as client:
+        result = client.generate(prompt_token_ids, max_new_tokens=8, ignore_eos=True)
+        chunks = list(client.stream(prompt_token_ids, max_new_tokens=8, ignore_eos=True))
+        stopped = client.generate(prompt_token_ids, max_new_tokens=8, ignore_eos=True, stop=[character])
+    assert result.text.startswith(character) and "".join(c.text for c in chunks) == result.text
+    assert (stopped.text, stopped.finish_reason, len(stopped.token_ids)) == ("", "stop_sequence", 1)
+
+
 def test_an_eos_the_tokenizer_does_not_count_special_adds_no_text(model_dirs, log_dir, tmp_path, reference):
     """The EOS that ends a completion is in its token ids, not in its text (as in vLLM), also when the tokenizer does
     not count it special (DeepSeek-Coder's <|EOT|>), where skip_special_tokens would keep it."""
