@@ -414,8 +414,8 @@ class LLM:
         )
         finish_reason, stop_reason = ("length", None) if final.finish_reason == "length" else ("stop", None)
         if final.finish_reason == "stop_sequence":
-            stop_reason = self._matched_stop(prepared, token_ids)
-            if prepared.params.include_stop_str_in_output and stop_reason:
+            stop_reason = final.stop_string
+            if prepared.params.include_stop_str_in_output:
                 text += stop_reason
         elif final.finish_reason == "eos_token" and prepared.params.include_stop_str_in_output:
             # The engine leaves the end-of-sequence token out of the text; vLLM puts it back on this flag.
@@ -426,12 +426,3 @@ class LLM:
         return RequestOutput(request_id=request.request_id, prompt=prepared.prompt,
                              prompt_token_ids=request.prompt_token_ids, outputs=[completion], finished=True,
                              metrics=metrics)
-
-    def _matched_stop(self, prepared: _Prepared, token_ids: list[int]) -> str | None:
-        """The stop string that ended the text: the one found first in it (the engine cuts at the earliest)."""
-        # Decoded after a few prompt tokens, as the engine's detokenizer does, so a leading space renders as in context.
-        context = prepared.request.prompt_token_ids[-5:]
-        context_text = self.tokenizer.decode(context, skip_special_tokens=True)
-        generated = self.tokenizer.decode(context + token_ids, skip_special_tokens=True)[len(context_text):]
-        hits = [(generated.find(stop), i, stop) for i, stop in enumerate(prepared.request.stop) if stop in generated]
-        return min(hits)[2] if hits else None

@@ -20,6 +20,7 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.token_ids)
         self.stop = stop
         self.text = ""  # generated text so far (stop string excluded once found)
+        self.stop_string: str | None = None  # the stop string the text was cut at
         self.emitted = 0  # characters of self.text already returned
         self.stopped = False
 
@@ -48,9 +49,11 @@ class IncrementalDetokenizer:
             self._check_stop(search_from)
 
     def _check_stop(self, search_from: int) -> None:
-        hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+        hits = [(index, stop) for stop in self.stop if (index := self.text.find(stop, search_from)) >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            # The earliest in the text; of two there, the first listed.
+            cut, self.stop_string = min(hits, key=lambda hit: hit[0])
+            self.text = self.text[:cut]
             self.stopped = True
 
     def flush(self) -> None:

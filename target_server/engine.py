@@ -75,6 +75,7 @@ class GenerationUpdate:
     token_ids: list[int]
     text: str
     finish_reason: str | None = None  # "length", "eos_token" or "stop_sequence"
+    stop_string: str | None = None  # with "stop_sequence": the stop string the text was cut at
     stats: GenerationStats | None = None
     round_timing: RoundTiming | None = None
 
@@ -249,7 +250,8 @@ class TargetEngine:
                              stats.rounds, stats.acceptance_rate, stats.total_time_ns / 1e6,
                              f", fallback: {stats.fallback_reason}" if stats.fallback_reason else "",
                              extra={"request_id": request.request_id})
-                    yield GenerationUpdate(emitted, detokenizer.take_delta(final=True), finish_reason, stats, timing)
+                    yield GenerationUpdate(emitted, detokenizer.take_delta(final=True), finish_reason,
+                                           detokenizer.stop_string, stats, timing)
                     return
                 yield GenerationUpdate(emitted, detokenizer.take_delta(final=False), round_timing=timing)
         finally:

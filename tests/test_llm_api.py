@@ -104,6 +104,18 @@ def test_stop_string_cuts_the_text_and_is_the_stop_reason(cpu_only_llm):
     assert kept.text == full[: full.index(stop)] + stop
 
 
+def test_a_stop_string_holding_a_character_the_prompt_began_is_the_stop_reason(cpu_only_llm,
+                                                                             prompt_cut_inside_a_character):
+    """The stop_reason is the stop string the engine cut at; it was found again by decoding the output after a few
+    prompt tokens, which misplaced the output's start when the prompt ended inside a character."""
+    prompt_token_ids, character = prompt_cut_inside_a_character
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop=["never in this text", character])
+    [output] = cpu_only_llm.generate({"prompt_token_ids": prompt_token_ids}, params)
+    completion = output.outputs[0]
+    assert (completion.text, completion.finish_reason, completion.stop_reason) == ("", "stop", character)
+    assert len(completion.token_ids) == 1
+
+
 def test_prompts_as_token_ids_and_dicts(cpu_only_llm, reference):
     ids = reference.tokenizer.encode(PROMPTS[1])
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
