@@ -199,6 +199,26 @@ def test_cli_generate_against_real_servers(target_related, reference):
     assert output["finish_reason"] == "length" and output["stats"]["num_drafts"] > 0
 
 
+@pytest.mark.parametrize("no_stream", [[], ["--no-stream"]])
+def test_cli_prints_what_its_output_encoding_cannot_hold_as_question_marks(target_alone, reference, no_stream):
+    """A completion's characters past stdout's encoding (here ASCII; a Windows code page, a Latin-1 locale) print as
+    "?": the CLI died with UnicodeEncodeError in the middle of the completion."""
+    import os
+    import subprocess
+    import sys
+
+    text = reference.tokenizer.decode(reference(PROMPTS[0], 24))
+    assert not text.isascii()  # this tiny model emits lone bytes: U+FFFD
+    completed = subprocess.run(
+        [sys.executable, "-m", "splitspec_client", "generate", PROMPTS[0], "--target", target_alone.address,
+         "--max-new-tokens", "24", "--ignore-eos", *no_stream],
+        capture_output=True, timeout=60, env={**os.environ, "PYTHONIOENCODING": "ascii"},
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == text.encode("ascii", "replace") + b"\n"
+    assert b"[length] 24 tokens" in completed.stderr
+
+
 @pytest.mark.parametrize("module", ["draft_server", "target_server"])
 def test_server_help_explains_every_flag(module):
     import subprocess

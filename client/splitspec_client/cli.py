@@ -218,6 +218,11 @@ def _integer(low: int, high: int):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Generated text holds any character: a terminal or a file in another encoding (a Windows code page, a Latin-1
+    # locale) shows "?" for what it cannot hold, rather than a traceback in the middle of the completion.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
         with _connect(args) as client:
             return args.run(client, args)
