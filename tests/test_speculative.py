@@ -11,8 +11,11 @@ from scipy.stats import chisquare
 
 from splitspec.sampling import make_generator, sample
 from splitspec.speculative import (
+    DRAFT_AHEAD_MIN_CHANCE,
+    DecayedAcceptance,
     Verification,
     chance_drafted_ahead_stands,
+    draft_ahead_pays,
     expected_round_ns,
     expected_tokens_per_round,
     ideal_speedup,
@@ -145,13 +148,24 @@ def test_sampling_with_no_draft_tokens_samples_the_bonus_row():
 
 
 def test_sampling_falls_back_to_p_when_the_residual_rounds_to_zero():
-    target_probs = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])  # [k+1, vocab_size], k = 1
+    # The bonus row puts all its mass where the rejected row has none: a fallback to the wrong row shows.
+    target_probs = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])  # [k+1, vocab_size], k = 1
     # q >= p everywhere: only possible through rounding, as q sums to just over 1.
     draft_probs = torch.tensor([[0.5, 0.5, 1e-6]])  # [k, vocab_size]
     generator = make_generator(0)
-    for _ in range(20):
-        verification = verify_sampling(target_probs, draft_probs, torch.tensor([2]), generator)
-        assert verification.accepted_len == 0 and verification.next_token_id in (0, 1)
+    verifications = [verify_sampling(target_probs, draft_probs, torch.tensor([2]), generator) for _ in range(20)]
+    assert {v.accepted_len for v in verifications} == {0}
+    assert {v.next_token_id for v in verifications} == {0, 1}  # drawn from p of the rejected position
+
+
+def test_a_draft_token_the_target_rules_out_is_rejected_even_at_a_zero_uniform(monkeypatch):
+    # torch.rand returns 0.0 with probability 2^-24 per draw: often enough at scale. p(x) == 0 (a token top-k or
+    # top-p removed) must still be rejected then, or a token the target can never emit is emitted.
+    monkeypatch.setattr(torch, "rand", lambda k, **_: torch.zeros(k))
+    target_probs = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # [k+1, vocab_size], k = 1
+    draft_probs = torch.tensor([[0.5, 0.5, 0.0]])  # [k, vocab_size]
+    verification = verify_sampling(target_probs, draft_probs, torch.tensor([0]), make_generator(0))
+    assert verification == Verification(accepted_len=0, next_token_id=1)
 
 
 def test_same_seed_gives_the_same_verifications():
@@ -184,6 +198,29 @@ def test_a_block_drafted_ahead_stands_when_the_whole_block_and_the_guess_are_acc
     assert chance_drafted_ahead_stands(1.0, 8) == 1.0 and chance_drafted_ahead_stands(0.0, 1) == 0.0
     with pytest.raises(ValueError, match="acceptance_rate"):
         chance_drafted_ahead_stands(-0.1, 2)
+
+
+def test_a_block_is_drafted_ahead_when_its_chance_is_at_least_the_minimum():
+    # alpha^(k+1) == 0.2 exactly at alpha = 0.2, k = 0; 0.2^2 = 0.04 at k = 1.
+    assert draft_ahead_pays(DRAFT_AHEAD_MIN_CHANCE, 0)
+    assert not draft_ahead_pays(DRAFT_AHEAD_MIN_CHANCE, 1)
+    assert draft_ahead_pays(1.0, 16) and not draft_ahead_pays(0.0, 0)
+
+
+def test_decayed_acceptance_decays_accepted_and_rejected_alike():
+    estimate = DecayedAcceptance.from_prior(0.5, weight=4.0, decay=0.5)  # 2 accepted, 2 rejected
+    assert (estimate.accepted, estimate.rejected) == (2.0, 2.0)
+    estimate.record(num_draft_tokens=4, accepted_len=1)  # one accepted, then a rejection
+    assert (estimate.accepted, estimate.rejected) == (2.0, 2.0)
+    estimate.record(num_draft_tokens=4, accepted_len=4)  # the whole block: no rejection
+    assert (estimate.accepted, estimate.rejected) == (5.0, 1.0)
+    estimate.record(num_draft_tokens=3, accepted_len=0)
+    assert (estimate.accepted, estimate.rejected) == (2.5, 1.5)
+    assert estimate.value == pytest.approx(2.5 / 4)
+    # Whatever the prior, a long run of blocks at one rate converges to that rate.
+    for _ in range(200):
+        estimate.record(num_draft_tokens=4, accepted_len=2)
+    assert estimate.value == pytest.approx(2 / 3)
 
 
 def test_a_round_drafted_ahead_shows_only_the_drafting_the_round_before_did_not_hide():
