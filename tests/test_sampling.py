@@ -46,6 +46,7 @@ def hf_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:  # l
         (2.0, 5, 0.5),
         (0.8, 1, 1.0),
         (1.0, 0, 1e-6),  # nucleus of one token
+        (1.0, 0, 1e-8),  # 1 - top_p rounds to 1.0 in float32: the most likely token must still be kept
         (1.0, 10_000, 0.95),  # top_k above vocab_size
     ],
 )
@@ -61,6 +62,16 @@ def test_logits_to_probs_matches_hugging_face_warpers(temperature, top_k, top_p,
     torch.testing.assert_close(probs, hf_probs(logits, params), rtol=0, atol=0)
     # Same values row by row: the target's [k+1, vocab] batch and the draft's single row agree.
     torch.testing.assert_close(logits_to_probs(logits[2], params), probs[2], rtol=0, atol=0)
+
+
+def test_top_p_drops_the_tokens_whose_mass_is_exactly_one_minus_top_p():
+    # Four equal logits: probabilities of exactly 0.25, cumulative 0.25 and 0.5 reach 1 - top_p = 0.5 exactly, and
+    # the Hugging Face warper drops both (<=), keeping two tokens.
+    logits = torch.zeros(1, 4)  # [batch, vocab_size]
+    params = SamplingParams(temperature=1.0, top_p=0.5)
+    probs = logits_to_probs(logits, params)
+    assert int((probs > 0).sum()) == 2 and float(probs.max()) == 0.5
+    torch.testing.assert_close(probs, hf_probs(logits, params), rtol=0, atol=0)
 
 
 def test_logits_to_probs_filters_tokens():
