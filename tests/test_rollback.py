@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from draft_server.engine import DraftEngine, DraftLimits
 from splitspec import models
+from splitspec.kv_cache import CausalLMRunner
 from splitspec.kv_pool import BatchedCausalLMRunner
 from splitspec.protocol import SessionStart, Verdict
 from splitspec.sampling import SamplingParams, make_generator
@@ -16,10 +17,15 @@ from target_server.engine import finish_verification, verification_row
 
 
 def verify_block(target, sequence, block, sampling, generator):
-    """One round of the target's own code path, unbatched."""
+    """One round of the target's own code path, unbatched. Its logits, from the cache rolled back after every
+    round before, must be those of one forward over the whole sequence without a cache: a cache that kept a
+    rejected token's entry, or lost an accepted one, gives other logits even where its length looks right."""
     row = verification_row(sequence, block)
-    return finish_verification(sequence, block, sampling, generator, target.forward(sequence, row.token_ids,
-                                                                                    row.logits_to_keep))
+    logits = target.forward(sequence, row.token_ids, row.logits_to_keep)  # [k+1, vocab]
+    with torch.inference_mode():
+        fresh = target.model(input_ids=torch.tensor([sequence.token_ids + block.token_ids])).logits[0]
+    torch.testing.assert_close(logits, fresh[-row.logits_to_keep :].float(), rtol=1e-4, atol=1e-4)
+    return finish_verification(sequence, block, sampling, generator, logits)
 
 
 def _load(path):
@@ -29,13 +35,14 @@ def _load(path):
 PROMPT = [1, 17, 99, 230, 41]
 
 
-def _start_both_halves(model_dirs, draft_name, sampling, k, draft_ahead):
+def _start_both_halves(model_dirs, draft_name, sampling, k, draft_ahead, runner_class=BatchedCausalLMRunner):
     """Both halves' real session objects, in this process: the draft's first block and the target's prefilled
-    sequence."""
-    target = BatchedCausalLMRunner(_load(model_dirs["target"]))
+    sequence, on runners of `runner_class` (pooled, or a DynamicCache per sequence as for models that cannot
+    batch)."""
+    target = runner_class(_load(model_dirs["target"]))
     draft_model = _load(model_dirs[draft_name])
     vocabulary = models.vocabulary_of(draft_model, None)
-    engine = DraftEngine(BatchedCausalLMRunner(draft_model), vocabulary,
+    engine = DraftEngine(runner_class(draft_model), vocabulary,
                          DraftLimits(max_num_speculative_tokens=8, max_context_tokens=512, max_draft_support=64,
                                      max_sessions=4))
     start = SessionStart(PROMPT, sampling, k, vocabulary, "rollback-test", draft_ahead)
@@ -51,10 +58,12 @@ def _start_both_halves(model_dirs, draft_name, sampling, k, draft_ahead):
     ("related_draft", SamplingParams()),
     ("related_draft", SamplingParams(temperature=1.0, top_k=20, seed=7)),
 ])
-def test_caches_match_rollback_to_after_every_verdict(model_dirs, draft_name, sampling):
+@pytest.mark.parametrize("runner_class", [BatchedCausalLMRunner, CausalLMRunner])
+def test_caches_match_rollback_to_after_every_verdict(model_dirs, draft_name, sampling, runner_class):
     k = 4
     target, engine, vocabulary, session, block, sequence = _start_both_halves(model_dirs, draft_name, sampling, k,
-                                                                               draft_ahead=False)
+                                                                               draft_ahead=False,
+                                                                               runner_class=runner_class)
     generator = make_generator(sampling.seed)
     accepted_lens = []
     for _ in range(12):
