@@ -406,3 +406,26 @@ def test_a_verdict_on_a_cut_block_says_how_many_tokens_were_verified():
     asyncio.run(speculation.send_verdict(block.truncated(2), Verification(2, 9), 2))
     asyncio.run(speculation.send_verdict(block, Verification(1, 9), 2))
     assert [(v.accepted_len, v.num_verified_tokens, v.rollback_to) for v in link.verdicts] == [(2, 2, 5), (1, 4, 4)]
+
+
+def test_goodput_scales_the_profile_by_the_verify_forwards_it_measures():
+    """A block of k is verified by a forward of k + 1 tokens (the target's last token and the k draft tokens): a
+    machine twice as slow as profiled gives a scale of 2, whatever the profile's slope."""
+    sizer = calibrated(4, CPU_LIKE)
+    for _ in range(40):
+        sizer.record(4, 2, int(2 * CPU_LIKE.ns(5)), MS)
+    assert sizer.verify_scale == pytest.approx(2.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("current, expected", [(2, 2), (1, 3)])
+def test_goodput_keeps_its_block_size_unless_another_is_clearly_better(current, expected):
+    """A new k must beat the current one by CHANGE_MARGIN (3%): k = 2 at 1% below the best stays, k = 1 at 7% below
+    moves to the best."""
+    from splitspec.speculative import expected_tokens_per_round
+
+    sizer = calibrated(3, CPU_LIKE)
+    feed(sizer, [2] * 3, 3, CPU_LIKE)
+    goodput = {0: 1.0, 1: 1.40, 2: 1.485, 3: 1.50}  # tokens per unit of time
+    sizer.round_ns = lambda k: expected_tokens_per_round(sizer.acceptance, k) / goodput[k]
+    sizer.current, sizer._planned = current, None
+    assert sizer.next_size(tokens_left=100, load_cap=3) == expected
