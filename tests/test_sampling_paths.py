@@ -27,6 +27,7 @@ PROMPT_IDS = [347, 66, 76, 19, 41]
 TOP_K = 2  # two candidates per position: 2^5 sequences of five tokens, few enough to test their joint distribution
 NUM_TOKENS = 5
 DRAWS = 1500
+CONTROL_DRAWS = 500  # the negative controls' distributions are far off: fewer draws tell them apart
 MIN_P_VALUE = 1e-3
 
 
@@ -97,12 +98,13 @@ class RoundLog:
         monkeypatch.setattr(target_server.engine, "finish_verification", recording)
 
 
-def sample_sequences(model_dirs, reference, draft: str, num_speculative_tokens: int) -> list[tuple[int, ...]]:
+def sample_sequences(model_dirs, reference, draft: str, num_speculative_tokens: int,
+                     draws: int = DRAWS) -> list[tuple[int, ...]]:
     params = [SamplingParams(temperature=1.0, top_k=TOP_K, seed=seed, max_tokens=NUM_TOKENS, ignore_eos=True)
-              for seed in range(DRAWS)]
+              for seed in range(draws)]
     with LLM(model=model_dirs["target"], speculative_model=model_dirs[draft],
              num_speculative_tokens=num_speculative_tokens, max_num_seqs=16) as llm:
-        outputs = llm.generate([PROMPT_IDS] * DRAWS, params)
+        outputs = llm.generate([PROMPT_IDS] * draws, params)
     return [tuple(output.outputs[0].token_ids) for output in outputs]
 
 
@@ -151,7 +153,7 @@ def test_the_joint_check_catches_draft_tokens_accepted_without_their_test(model_
         return Verification(k, int(torch.multinomial(target_probs[k], 1, generator=generator)))
 
     monkeypatch.setattr(target_server.engine, "verify_sampling", always_accept)
-    samples = sample_sequences(model_dirs, reference, "related_draft", num_speculative_tokens=2)
+    samples = sample_sequences(model_dirs, reference, "related_draft", num_speculative_tokens=2, draws=CONTROL_DRAWS)
     assert joint_p_value(samples, target_joint(reference, PROMPT_IDS)) < MIN_P_VALUE
 
 
@@ -161,5 +163,5 @@ def test_the_joint_check_catches_a_draft_that_reuses_its_randomness(model_dirs, 
     against, given what came before."""
     # The draft seeds position j's draw from hash((seed, j)): made constant, every position draws alike.
     monkeypatch.setattr(draft_server.engine, "hash", lambda seed_and_position: 12345, raising=False)
-    samples = sample_sequences(model_dirs, reference, "related_draft", num_speculative_tokens=2)
+    samples = sample_sequences(model_dirs, reference, "related_draft", num_speculative_tokens=2, draws=CONTROL_DRAWS)
     assert joint_p_value(samples, target_joint(reference, PROMPT_IDS)) < MIN_P_VALUE
