@@ -2,12 +2,24 @@ import pathlib
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from fake_topology import epyc_vm, graviton, no_numa, sapphire_rapids  # noqa: E402,F401 (fixtures)
 from servers import start_draft, start_target  # noqa: E402
 from tiny_models import build_llama, build_tokenizer, first_layers_of, save  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules that run models in the test process (`pytestmark = pytest.mark.usefixtures(...)`): one intra-op
+    thread, as on two cores a second one only fights the servers and the draft, and OpenMP threads waiting on each
+    other on a busy machine cost seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

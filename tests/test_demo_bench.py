@@ -26,13 +26,7 @@ def _run_module(*args: str, timeout: float = 240) -> subprocess.CompletedProcess
                           timeout=timeout)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process model work on one thread: on a busy machine, OpenMP threads waiting on each other are slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

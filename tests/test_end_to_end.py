@@ -124,20 +124,15 @@ def test_a_prompt_cut_inside_a_character_gets_the_whole_character(target_alone, 
 def test_an_eos_the_tokenizer_does_not_count_special_adds_no_text(model_dirs, log_dir, tmp_path, reference):
     """The EOS that ends a completion is in its token ids, not in its text (as in vLLM), also when the tokenizer does
     not count it special (DeepSeek-Coder's <|EOT|>), where skip_special_tokens would keep it."""
-    import json
-    import shutil
-
     from servers import start_target
+    from tiny_models import copy_with_eos
 
     decode = reference.tokenizer.decode
     greedy = reference(PROMPTS[1], 16)
     eos = next(t for t in greedy[2:] if decode([t]).strip().isprintable())  # a plain token that shows as text
     expected = greedy[: greedy.index(eos) + 1]
-    directory = shutil.copytree(model_dirs["target"], tmp_path / "plain-eos")
-    for name in ("config.json", "generation_config.json"):
-        config = json.loads((directory / name).read_text())
-        (directory / name).write_text(json.dumps(config | {"eos_token_id": eos}))
-    target = start_target(str(directory), log_dir, "target-plain-eos", [])
+    directory = copy_with_eos(model_dirs["target"], tmp_path / "plain-eos", eos)
+    target = start_target(directory, log_dir, "target-plain-eos", [])
     try:
         with Client(target.address, timeout=60) as client:
             result = client.generate(PROMPTS[1], max_new_tokens=16)

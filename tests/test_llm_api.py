@@ -4,7 +4,6 @@ no draft worker outlives its LLM."""
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import types
 
 import pytest
 import torch
-from tiny_models import build_mpt, build_tokenizer, save
+from tiny_models import build_mpt, build_tokenizer, copy_with_eos, save
 
 from splitspec import LLM, SamplingParams, models
 
@@ -25,13 +24,7 @@ PROMPTS = [
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The target runs in this process: on two cores, a second intra-op thread fighting the draft costs seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def is_running(pid: int) -> bool:
@@ -332,11 +325,8 @@ def test_generate_checks_its_arguments(cpu_only_llm):
 
 
 def test_without_an_eos_in_its_configs_the_tokenizers_ends_the_output(model_dirs, tmp_path, reference):
-    directory = shutil.copytree(model_dirs["target"], tmp_path / "no-eos")
-    for name in ("config.json", "generation_config.json"):
-        config = json.loads((directory / name).read_text())
-        (directory / name).write_text(json.dumps(config | {"eos_token_id": None}))
-    with LLM(model=str(directory)) as llm:
+    directory = copy_with_eos(model_dirs["target"], tmp_path / "no-eos", None)
+    with LLM(model=directory) as llm:
         assert llm.tokenizer.eos_token_id == 2
         output = llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=64))[0].outputs[0]
     expected = reference(PROMPTS[2], 64, ignore_eos=False)
@@ -352,11 +342,8 @@ def test_an_eos_the_tokenizer_does_not_count_special_adds_no_text(model_dirs, tm
     greedy = reference(PROMPTS[1], 16)
     eos = next(t for t in greedy[2:] if decode([t]).strip().isprintable())  # a plain token that shows as text
     expected = greedy[: greedy.index(eos) + 1]
-    directory = shutil.copytree(model_dirs["target"], tmp_path / "plain-eos")
-    for name in ("config.json", "generation_config.json"):
-        config = json.loads((directory / name).read_text())
-        (directory / name).write_text(json.dumps(config | {"eos_token_id": eos}))
-    with LLM(model=str(directory), speculative_model=str(directory), num_speculative_tokens=8) as llm:
+    directory = copy_with_eos(model_dirs["target"], tmp_path / "plain-eos", eos)
+    with LLM(model=directory, speculative_model=directory, num_speculative_tokens=8) as llm:
         [output] = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=16))
         [kept] = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=16, include_stop_str_in_output=True))
     completion = output.outputs[0]

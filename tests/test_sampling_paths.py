@@ -31,13 +31,7 @@ CONTROL_DRAWS = 500  # the negative controls' distributions are far off: fewer d
 MIN_P_VALUE = 1e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The target and the draft both run in this process: on two cores, more threads only fight."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def target_joint(reference, prompt_ids: list[int]) -> dict[tuple[int, ...], float]:

@@ -4,7 +4,9 @@ The builders are `splitspec.demo_models`' (the demo pair is the same design, lar
 tests use.
 """
 
+import json
 import pathlib
+import shutil
 
 from splitspec import demo_models
 from splitspec.demo_models import first_layers_of  # noqa: F401 (the tests' draft made of the target's first layers)
@@ -25,6 +27,15 @@ def save(model, tokenizer, directory: pathlib.Path) -> str:
     model.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def copy_with_eos(model_dir: str, directory: pathlib.Path, eos_token_id: int | None) -> str:
+    """A copy of a saved model whose configs (config.json and generation_config.json) name another EOS, or none."""
+    shutil.copytree(model_dir, directory)
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((directory / name).read_text())
+        (directory / name).write_text(json.dumps(config | {"eos_token_id": eos_token_id}))
     return str(directory)
 
 
