@@ -110,5 +110,6 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             live_sessions=self.engine.live_sessions,
             max_num_speculative_tokens=self.engine.limits.max_num_speculative_tokens,
             max_context_tokens=self.engine.limits.max_context_tokens,
+            max_sessions=self.engine.limits.max_sessions,
             pinning_notes=d.pinning_notes,
         )

@@ -25,7 +25,14 @@ PROBE_TIMEOUT_S = 2.0
 
 
 class DraftLinkError(Exception):
-    """The draft link of one session failed; the session goes on without it."""
+    """The draft link of one session failed; the session goes on without it.
+
+    `full`: the draft is fine but holds no more sessions (RESOURCE_EXHAUSTED, or none of the pool's drafts has a
+    session free): not a failure of the draft, which stays in rotation, and a session may open later."""
+
+    def __init__(self, message: str, full: bool = False):
+        super().__init__(message)
+        self.full = full
 
 
 @dataclasses.dataclass
@@ -38,7 +45,11 @@ class DraftEndpoint:
     error: str = "not probed yet"
     max_context_tokens: int = 0
     max_num_speculative_tokens: int = 0
-    live_sessions: int = 0
+    max_sessions: int = 0  # what the draft holds at once (its --max-sessions); 0: it does not say
+    live_sessions: int = 0  # this target's sessions on it
+    # This target's live sessions there when it last refused one as full (other targets may hold the rest): no new
+    # session goes there until fewer are open or a probe succeeds. None: no refusal since the last probe.
+    full_at: int | None = None
     sessions_opened: int = 0
     consecutive_failures: int = 0
 
@@ -60,6 +71,7 @@ class DraftLink:
         self.endpoint = endpoint
         self._call = call
         self._closed = False
+        self._blocks_read = 0
 
     @property
     def address(self) -> str:
@@ -75,9 +87,12 @@ class DraftLink:
         except asyncio.TimeoutError as exc:
             raise DraftLinkError(f"no block from {self.address} within {timeout_s:.1f}s") from exc
         except grpc.RpcError as exc:
-            raise DraftLinkError(f"draft {self.address}: {exc.code().name}: {exc.details()}") from exc
+            # Before the first block, RESOURCE_EXHAUSTED refuses the SessionStart: the draft holds its --max-sessions.
+            full = self._blocks_read == 0 and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            raise DraftLinkError(f"draft {self.address}: {exc.code().name}: {exc.details()}", full=full) from exc
         if response is grpc.aio.EOF:
             raise DraftLinkError(f"draft {self.address} ended the session")
+        self._blocks_read += 1
         return wire.block_from_pb(response.block)
 
     async def send_start(self, start: SessionStart) -> None:
@@ -163,6 +178,12 @@ class DraftPool:
             await asyncio.sleep(self._next_probe_delay(endpoint))
             await self._probe(endpoint)
 
+    @staticmethod
+    def report_full(endpoint: DraftEndpoint) -> None:
+        """`endpoint` refused a session (closed by now) for holding its most: it stays in rotation, but gets no new
+        session until one of this target's sessions there ends, or a probe succeeds (another target's may have)."""
+        endpoint.full_at = endpoint.live_sessions
+
     def report_failure(self, endpoint: DraftEndpoint, reason: str) -> None:
         """A session on `endpoint` failed: stop sending it sessions until a probe says it is back. The sessions
         that were open on it fail too, but only probes count towards the back-off: one failure that ends many
@@ -180,6 +201,8 @@ class DraftPool:
         endpoint.model = info.model
         endpoint.max_context_tokens = info.max_context_tokens
         endpoint.max_num_speculative_tokens = info.max_num_speculative_tokens
+        endpoint.max_sessions = info.max_sessions
+        endpoint.full_at = None
         mismatch = self.target_vocabulary.mismatch(wire.vocabulary_from_pb(info.vocabulary))
         if mismatch:
             self._set_state(endpoint, False, f"vocabulary mismatch with the target: {mismatch}")
@@ -210,14 +233,24 @@ class DraftPool:
     def _fits(endpoint: DraftEndpoint, total_tokens: int) -> bool:
         return total_tokens <= endpoint.max_context_tokens
 
+    @staticmethod
+    def _has_room(endpoint: DraftEndpoint) -> bool:
+        """Whether a session may open there: fewer of this target's are open than the draft holds, and than when it
+        last refused one."""
+        return ((not endpoint.max_sessions or endpoint.live_sessions < endpoint.max_sessions)
+                and (endpoint.full_at is None or endpoint.live_sessions < endpoint.full_at))
+
     async def open(self, start: SessionStart, total_tokens: int) -> DraftLink:
-        """Open a session on the least busy connected draft that fits it; raises DraftLinkError when none can."""
+        """Open a session on the least busy connected draft that fits it and has a session free; raises
+        DraftLinkError when none can (`full` when only free sessions are missing: one may open later)."""
         reason = self.why_unusable(total_tokens)
         if reason:
             raise DraftLinkError(reason)
+        usable = [e for e in self.endpoints if e.connected and self._fits(e, total_tokens) and self._has_room(e)]
+        if not usable:
+            raise DraftLinkError("every draft server that fits the request holds its most sessions", full=True)
         # Least busy first; among equally busy ones, the least used so far, so sequential sessions alternate.
-        endpoint = min((e for e in self.endpoints if e.connected and self._fits(e, total_tokens)),
-                       key=lambda e: (e.live_sessions, e.sessions_opened))
+        endpoint = min(usable, key=lambda e: (e.live_sessions, e.sessions_opened))
         call = endpoint.stub.Speculate(metadata=self.metadata)
         endpoint.live_sessions += 1
         endpoint.sessions_opened += 1

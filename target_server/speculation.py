@@ -69,7 +69,10 @@ class Speculation:
         try:
             self.link = await self.pool.open(start, total_tokens)
         except DraftLinkError as exc:
-            self._give_up(str(exc))
+            if exc.full:  # target-only for this round; the next one tries again (no call until a session is free)
+                self.fallback_reason = str(exc)
+            else:
+                self._give_up(str(exc))
             return
         self.draft_server = self.link.address
 
@@ -77,13 +80,19 @@ class Speculation:
         self.gave_up = True
         self.fallback_reason = reason
 
-    async def _failed(self, reason: str) -> None:
+    async def _failed(self, reason: str, full: bool = False) -> None:
+        """The session failed (`full`: its draft refused it for holding its most sessions, a refusal that still
+        counts towards the reopens, so that a draft refusing every session costs a request a bounded number of
+        calls)."""
         log.warning("request %s: draft failure: %s", self.request.request_id, reason,
                     extra={"request_id": self.request.request_id})
         self.fallback_reason = reason
         link, self.link = self.link, None
-        self.pool.report_failure(link.endpoint, reason)
+        if not full:
+            self.pool.report_failure(link.endpoint, reason)
         await link.close(cancel=True)
+        if full:  # once closed, so that the refused session is not counted among those the draft holds
+            self.pool.report_full(link.endpoint)
         if self.reopens_left <= 0:
             self._give_up(f"{reason} (no more draft sessions for this request)")
         self.reopens_left -= 1
@@ -108,7 +117,7 @@ class Speculation:
             try:
                 block = await link.next_block(self.timeout_s)
             except DraftLinkError as exc:
-                await self._failed(str(exc))
+                await self._failed(str(exc), exc.full)
                 continue
             if block.start_position != len(token_ids) or block.preceding_token_id != token_ids[-1]:
                 self.stale_blocks += 1
