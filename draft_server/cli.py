@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="When sampling, each draft distribution is sent as its most likely N tokens "
                              "(renormalized; the draft samples from exactly that), bounding message size.")
     parser.add_argument("--max-sessions", type=int, default=256,
-                        help="Open sessions beyond which new ones get RESOURCE_EXHAUSTED.")
+                        help="Open sessions beyond which new ones get RESOURCE_EXHAUSTED. Reported in Info: a target "
+                             "opens no more here, and decodes alone meanwhile.")
     parser.add_argument("--exit-when-stdin-closes", action="store_true",
                         help="Shut down when standard input reaches end of file. A parent process that starts this "
                              "server as its worker (splitspec.LLM) holds the other end, so the server never outlives "
@@ -52,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "remove the socket and DIR (left empty) at end of standard input. splitspec.LLM makes DIR "
                              "for its worker and removes it on close; this cleans up after a parent that was killed.")
     return parser
+
+
+def flags_problem(args) -> str | None:
+    """What is wrong with the flags, or None."""
+    from splitspec.server_cli import common_flags_problem
+
+    checks = [
+        (args.max_num_speculative_tokens >= 1, "--max-num-speculative-tokens must be at least 1"),
+        (args.max_draft_support >= 1, "--max-draft-support must be at least 1"),
+        (args.max_sessions >= 1, "--max-sessions must be at least 1"),
+    ]
+    return common_flags_problem(args) or next((problem for ok, problem in checks if not ok), None)
 
 
 def _owned_socket(args) -> str:
@@ -109,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.exit_when_stdin_closes:
         _exit_when_stdin_closes(owned_socket)
     from splitspec import topology
-    from splitspec.server_cli import common_flags_problem, load_security
+    from splitspec.server_cli import load_security
 
     # Settings are checked before the model loads, which can take minutes (the model and addresses come after).
-    if problem := common_flags_problem(args):
+    if problem := flags_problem(args):
         return error(PROG, problem)
     try:
         security = load_security(args)

@@ -103,6 +103,10 @@ def flags_problem(args) -> str | None:
         (seconds(args.draft_probe_interval), "--draft-probe-interval must be a number of seconds above 0"),
         (seconds(args.draft_max_backoff), "--draft-max-backoff must be a number of seconds above 0"),
         (args.max_draft_reopens >= 0, "--max-draft-reopens must be 0 or more"),
+        (args.max_input_tokens is None or args.max_input_tokens >= 1, "--max-input-tokens must be at least 1"),
+        (args.max_total_tokens is None or args.max_total_tokens >= 2,
+         "--max-total-tokens must be at least 2 (a prompt token and a new one)"),
+        (args.max_stop_sequences >= 0, "--max-stop-sequences must be 0 or more"),
     ]
     return common_flags_problem(args) or next((problem for ok, problem in checks if not ok), None)
 

@@ -69,10 +69,19 @@ TARGET_ONLY = [
     (["--draft-probe-interval", "0"], "--draft-probe-interval must be a number of seconds above 0"),
     (["--max-draft-reopens", "-1"], "--max-draft-reopens must be 0 or more"),
     (["--draft-tls-ca", "{d}/garbage.pem"], "--draft-tls-ca {d}/garbage.pem: not a usable TLS certificate"),
+    (["--max-input-tokens", "0"], "--max-input-tokens must be at least 1"),
+    (["--max-total-tokens", "1"], "--max-total-tokens must be at least 2"),
+    (["--max-stop-sequences", "-1"], "--max-stop-sequences must be 0 or more"),
+]
+# Each of these let the draft start and then refuse every session (or fail it with INTERNAL).
+DRAFT_ONLY = [
+    (["--max-sessions", "0"], "--max-sessions must be at least 1"),
+    (["--max-num-speculative-tokens", "0"], "--max-num-speculative-tokens must be at least 1"),
+    (["--max-draft-support", "0"], "--max-draft-support must be at least 1"),
 ]
 
 
-@pytest.mark.parametrize("half, flags, message", [("draft", *case) for case in BOTH_HALVES]
+@pytest.mark.parametrize("half, flags, message", [("draft", *case) for case in BOTH_HALVES + DRAFT_ONLY]
                          + [("target", *case) for case in BOTH_HALVES + TARGET_ONLY])
 def test_bad_settings_are_one_error_line_before_the_model_loads(half, flags, message, files, capsys):
     # No such model: a check made after loading it would fail on the model instead.
