@@ -12,8 +12,8 @@ gpt-fast's static cache, without vLLM's paging):
   a forward - takes rows of different sequences, each feeding some tokens after its own cached prefix. Rows are
               left-padded to the longest, so that every row's last `logits_to_keep` logits are the batch's last
               ones; explicit position ids and a 4D attention mask give each row its own positions and prefix.
-              Padding columns write their KV entries past their row's real tokens, where nothing reads them, and
-              their outputs are dropped.
+              Padding columns store no KV entries (no query reads them) and their outputs are dropped; so the pool
+              never grows past the longest row's last real position, however long the batch's longest row.
 
 Only models whose every layer attends to the full causal prefix, through "sdpa" or "eager" attention, can take a
 4D mask this way (`batching_problem` says why another cannot); sliding-window and hybrid layers would need a mask
@@ -92,13 +92,15 @@ class KVPool:
 
     def write_and_gather(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor,
                          batch: "PoolBatch") -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one layer's new keys and values `# [rows, kv_heads, columns, head_dim]` at the batch's write
-        positions; return the rows' keys and values `# [rows, kv_heads, kv_length, head_dim]`."""
+        """Store one layer's new keys and values `# [rows, kv_heads, columns, head_dim]` of the real (not padding)
+        columns at their positions; return the rows' keys and values `# [rows, kv_heads, kv_length, head_dim]`."""
         self._reserve(layer_idx, key_states, batch.max_slot + 1, batch.kv_length)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        # Advanced indices around a slice put their dims first: the target is [rows, columns, kv_heads, head_dim].
-        keys[batch.slot_index, :, batch.write_positions] = key_states.transpose(1, 2).to(keys.dtype)
-        values[batch.slot_index, :, batch.write_positions] = value_states.transpose(1, 2).to(values.dtype)
+        # Advanced indices around a slice put their dims first: both sides are [real cells, kv_heads, head_dim].
+        keys[batch.write_slots, :, batch.write_positions] = (
+            key_states[batch.write_rows, :, batch.write_columns].to(keys.dtype))
+        values[batch.write_slots, :, batch.write_positions] = (
+            value_states[batch.write_rows, :, batch.write_columns].to(values.dtype))
         return (keys[:, :, : batch.kv_length].index_select(0, batch.slots),
                 values[:, :, : batch.kv_length].index_select(0, batch.slots))
 
@@ -126,11 +128,14 @@ def _doubled_to(current: int, needed: int) -> int:
 
 @dataclasses.dataclass
 class PoolBatch:
-    """Where one batched forward writes and what it reads: row r is slot `slots[r]`."""
+    """Where one batched forward writes and what it reads: row r is slot `slots[r]`; real cell i (a fed token, not
+    padding) is column `write_columns[i]` of row `write_rows[i]`, stored at `write_positions[i]` of `write_slots[i]`."""
 
     slots: torch.Tensor  # [rows]
-    slot_index: torch.Tensor  # [rows, columns]: slots broadcast over the columns
-    write_positions: torch.Tensor  # [rows, columns]
+    write_rows: torch.Tensor  # [real cells]
+    write_columns: torch.Tensor  # [real cells]
+    write_slots: torch.Tensor  # [real cells]
+    write_positions: torch.Tensor  # [real cells]
     kv_length: int
     max_slot: int
     min_cached_len: int
@@ -210,16 +215,22 @@ class BatchedCausalLMRunner(Runner):
         start = torch.tensor(starts, device=device)[:, None]  # [rows, 1]
         pad = torch.tensor(padding, device=device)[:, None]  # [rows, 1]
         real = columns[None, :] >= pad  # [rows, columns]
-        # A real column c of row r sits at position start + c - pad; padding columns are written after the real ones.
-        positions = torch.where(real, start + columns - pad, start + (num_columns - pad) + columns)  # [rows, columns]
-        kv_length = max(starts) + num_columns  # every row's last column is at start + columns - 1
+        # A real column c of row r sits at position start + c - pad; padding columns sit nowhere (read as 0).
+        positions = torch.where(real, start + columns - pad, 0)  # [rows, columns]
+        # Each row's last real token ends its keys. Not max(starts) + columns: a long cached row batched with a long
+        # prefill would grow every slot of the pool past the model's context.
+        kv_length = max(s + len(row.token_ids) for s, row in zip(starts, rows))
         keys = torch.arange(kv_length, device=device)  # [kv_length]
         # A real query attends to its row's keys up to its own position; a padding one only to key 0 (never empty).
         attend = torch.where(real[:, :, None], keys[None, None, :] <= positions[:, :, None],
                              keys[None, None, :] == 0)[:, None]  # [rows, 1, columns, kv_length]
         slot_ids = [row.sequence.slot for row in rows]
         slots = torch.tensor(slot_ids, device=device)  # [rows]
-        batch = PoolBatch(slots, slots[:, None].expand(-1, num_columns), positions, kv_length, max(slot_ids),
+        # The real cells, listed on the host: their number is known without waiting for the device.
+        cells = [(r, pad_r + i, slot_ids[r], starts[r] + i)
+                 for r, pad_r in enumerate(padding) for i in range(num_columns - pad_r)]
+        write_rows, write_columns, write_slots, write_positions = torch.tensor(cells, device=device).unbind(1)
+        batch = PoolBatch(slots, write_rows, write_columns, write_slots, write_positions, kv_length, max(slot_ids),
                           min(starts))
         # The model sees padding columns at position 0: their KV entries go past the row's real tokens (`positions`),
         # but a position embedding of that index could lie past the model's learned positions (GPT-2's wpe).

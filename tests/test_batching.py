@@ -90,6 +90,31 @@ def test_pooled_batches_match_one_dynamic_cache_per_sequence(attention, device):
     assert keys.device.type == device
 
 
+def test_a_long_cached_row_batched_with_a_long_prefill_keeps_the_pool_within_the_context():
+    """A session 400 tokens in, verifying a block, shares a forward with a 380-token prefill: the short row is padded
+    to 380 columns. Its padding stores nothing, so the pool stays at the model's 512 positions instead of doubling
+    every slot to 1024 (on a GPU, twice the KV memory of every session); the logits are each row's own."""
+    model = build_llama(seed=0, max_positions=512)
+    alone = CausalLMRunner(model)
+    batched = BatchedCausalLMRunner(model, KVPool(model.config.num_hidden_layers, initial_slots=2,
+                                                  initial_capacity=512))
+    rng = random.Random(0)
+    cached = [rng.randrange(3, 384) for _ in range(400)]
+    prompt = [rng.randrange(3, 384) for _ in range(380)]
+    (reference_a, pooled_a), (reference_b, pooled_b) = [(alone.new_sequence(p), batched.new_sequence(p))
+                                                        for p in (cached, prompt)]
+    alone.forward(reference_a, cached, 1)
+    batched.forward_batch([ForwardRow(pooled_a, cached, 1)])
+    block = [7, 8, 9, 10, 11]
+    reference_a.token_ids += block
+    pooled_a.token_ids += block
+    expected = [alone.forward(reference_a, block, 5), alone.forward(reference_b, prompt, 1)]
+    got = batched.forward_batch([ForwardRow(pooled_a, block, 5), ForwardRow(pooled_b, prompt, 1)])
+    for want, row_logits in zip(expected, got):
+        torch.testing.assert_close(row_logits, want, atol=1e-4, rtol=1e-4)
+    assert batched.pool.keys[0].shape[2] == 512
+
+
 def test_released_slots_are_reused():
     model = build_llama(seed=0)
     runner = BatchedCausalLMRunner(model)
