@@ -113,6 +113,10 @@ def test_draft_protocol_violations(unrelated_draft):
         ([start, _verdict(block_index=0, accepted_len=2, next_token_id=5, rollback_to=5, num_verified_tokens=1)],
          grpc.StatusCode.INVALID_ARGUMENT, "exceeds the 1 tokens verified"),
         ([_start(vocabulary, k=0)], grpc.StatusCode.INVALID_ARGUMENT, "start.num_speculative_tokens"),
+        ([_start(vocabulary, k=17)], grpc.StatusCode.INVALID_ARGUMENT, "must be in [1, 16], got 17"),  # its max: 16
+        # A prompt filling the draft model's 512 positions leaves no room for a block.
+        ([_start(vocabulary, k=1, prompt=(5,) * 512)], grpc.StatusCode.FAILED_PRECONDITION,
+         "do not fit the draft model's context (512 tokens, 512 used)"),
         ([_start(vocabulary, prompt=())], grpc.StatusCode.INVALID_ARGUMENT, "start.prompt_token_ids"),
         ([_start(vocabulary, prompt=(1, VOCAB_SIZE + 7))], grpc.StatusCode.INVALID_ARGUMENT, "start.prompt_token_ids"),
         ([draft_pb2.SpeculateRequest()], grpc.StatusCode.INVALID_ARGUMENT, "kind"),
@@ -124,6 +128,7 @@ def test_draft_protocol_violations(unrelated_draft):
     with grpc.insecure_channel(unrelated_draft.address) as channel:
         info = draft_pb2_grpc.DraftServiceStub(channel).Info(draft_pb2.DraftInfoRequest(), timeout=10)
     assert info.live_sessions == 0  # every failed stream freed its session
+    assert info.max_sessions == 256  # its --max-sessions, so that a target opens no more
 
 
 def test_draft_refuses_a_target_with_another_vocabulary(unrelated_draft):
