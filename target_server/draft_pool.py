@@ -22,6 +22,10 @@ from splitspec.protocol import CandidateBlock, SessionStart, Verdict
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 2.0
+# A draft ends a call within moments of its half-close; one that does not (stalled) is cancelled after this long.
+END_TIMEOUT_S = 5.0
+# The tasks waiting for draft calls to end: the event loop keeps only weak references to tasks.
+_ENDING: set[asyncio.Task] = set()
 
 
 class DraftLinkError(Exception):
@@ -48,7 +52,7 @@ class DraftEndpoint:
     max_sessions: int = 0  # what the draft holds at once (its --max-sessions); 0: it does not say
     live_sessions: int = 0  # this target's sessions on it
     # This target's live sessions there when it last refused one as full (other targets may hold the rest): no new
-    # session goes there until fewer are open or a probe succeeds. None: no refusal since the last probe.
+    # session goes there until one of them ends or a probe succeeds. None: no refusal since.
     full_at: int | None = None
     sessions_opened: int = 0
     consecutive_failures: int = 0
@@ -71,6 +75,7 @@ class DraftLink:
         self.endpoint = endpoint
         self._call = call
         self._closed = False
+        self._counted = True  # among the endpoint's live sessions
         self._blocks_read = 0
 
     @property
@@ -112,14 +117,41 @@ class DraftLink:
         if self._closed:
             return
         self._closed = True
-        self.endpoint.live_sessions -= 1
         if cancel:
             self._call.cancel()
+            self._ended()
             return
+        # Counted until the draft ends the call, which it does once it has freed the session: a session opened
+        # before would still find the draft full (RESOURCE_EXHAUSTED).
+        ending = asyncio.ensure_future(self._end_when_the_draft_does())
+        _ENDING.add(ending)
+        ending.add_done_callback(_ENDING.discard)
         try:
             await self._call.done_writing()
         except (grpc.RpcError, asyncio.InvalidStateError):
             self._call.cancel()
+
+    async def _end_when_the_draft_does(self) -> None:
+        try:
+            await _within(self._read_to_the_end(), END_TIMEOUT_S)
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            pass
+        except asyncio.TimeoutError:
+            self._call.cancel()
+        finally:
+            self._ended()
+
+    async def _read_to_the_end(self) -> None:
+        """Read what the draft still sends (a block drafted ahead) up to the end of the call, which gRPC reports
+        only once the messages before it are read."""
+        while await self._call.read() is not grpc.aio.EOF:
+            pass
+
+    def _ended(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.endpoint.live_sessions -= 1
+            self.endpoint.full_at = None  # a session ended: the draft has room for one again
 
 
 class DraftPool:
@@ -181,7 +213,8 @@ class DraftPool:
     @staticmethod
     def report_full(endpoint: DraftEndpoint) -> None:
         """`endpoint` refused a session (closed by now) for holding its most: it stays in rotation, but gets no new
-        session until one of this target's sessions there ends, or a probe succeeds (another target's may have)."""
+        session until one of this target's sessions there ends (`DraftLink._ended`), or a probe succeeds (another
+        target's may have)."""
         endpoint.full_at = endpoint.live_sessions
 
     def report_failure(self, endpoint: DraftEndpoint, reason: str) -> None:

@@ -111,6 +111,9 @@ class _Call:
     async def done_writing(self):
         pass
 
+    async def read(self):
+        return grpc.aio.EOF  # the draft ends the call at once after a half-close
+
     def cancel(self):
         self.cancelled = True
 
@@ -139,6 +142,9 @@ def test_the_pool_opens_no_more_sessions_than_the_draft_holds():
             await pool.open(start, 100)
         assert refused.value.full and endpoint.connected
         await links[0].close()
+        with pytest.raises(DraftLinkError):  # counted until the draft has ended the call
+            await pool.open(start, 100)
+        await asyncio.sleep(0.01)
         links.append(await pool.open(start, 100))  # a session ended: its place is free again
         await pool.close()
         return endpoint
@@ -154,7 +160,7 @@ def test_a_refusal_as_full_keeps_the_draft_until_a_session_ends_or_a_probe():
         with pytest.raises(DraftLinkError) as refused:
             await pool.open(start, 100)
         assert refused.value.full and endpoint.connected and endpoint.consecutive_failures == 0
-        await links.pop().close()
+        await links.pop().close(cancel=True)
         links.append(await pool.open(start, 100))
         pool.report_full(endpoint)
         endpoint.full_at = None  # what a successful probe does: another target's sessions may have ended
