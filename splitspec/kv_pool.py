@@ -215,7 +215,8 @@ class BatchedCausalLMRunner(Runner):
         start = torch.tensor(starts, device=device)[:, None]  # [rows, 1]
         pad = torch.tensor(padding, device=device)[:, None]  # [rows, 1]
         real = columns[None, :] >= pad  # [rows, columns]
-        # A real column c of row r sits at position start + c - pad; padding columns sit nowhere (read as 0).
+        # A real column c of row r sits at position start + c - pad. Padding columns are stored nowhere and fed at
+        # position 0: any other could lie past the model's learned positions (GPT-2's wpe).
         positions = torch.where(real, start + columns - pad, 0)  # [rows, columns]
         # Each row's last real token ends its keys. Not max(starts) + columns: a long cached row batched with a long
         # prefill would grow every slot of the pool past the model's context.
@@ -232,14 +233,11 @@ class BatchedCausalLMRunner(Runner):
         write_rows, write_columns, write_slots, write_positions = torch.tensor(cells, device=device).unbind(1)
         batch = PoolBatch(slots, write_rows, write_columns, write_slots, write_positions, kv_length, max(slot_ids),
                           min(starts))
-        # The model sees padding columns at position 0: their KV entries go past the row's real tokens (`positions`),
-        # but a position embedding of that index could lie past the model's learned positions (GPT-2's wpe).
-        position_ids = torch.where(real, positions, 0)  # [rows, columns]
         dtype = self.model.dtype
         mask = (torch.zeros(attend.shape, dtype=dtype, device=device).masked_fill(~attend, torch.finfo(dtype).min)
                 if self._additive_mask else attend)
         output = self.model(input_ids=torch.tensor(input_ids, device=device), attention_mask=mask,
-                            position_ids=position_ids, cache=_PoolCache(self.pool, batch), use_cache=True,
+                            position_ids=positions, cache=_PoolCache(self.pool, batch), use_cache=True,
                             logits_to_keep=max(row.logits_to_keep for row in rows))
         for row in rows:
             row.sequence.cached_len += len(row.token_ids)
