@@ -181,10 +181,13 @@ class TargetEngine:
             while finish_reason is None:
                 waited_from = time.perf_counter_ns()
                 num_tokens = self._next_block_size(request, sizer, len(generated))
-                if speculation.waits_for_draft(num_tokens):
+                waits_for_draft = speculation.waits_for_draft(num_tokens)
+                if waits_for_draft:
                     self.batcher.away(sequence)  # the model worker need not hold a batch back for this session
                 block = await speculation.next_block(sequence.token_ids, num_tokens)
-                draft_wait_ns = time.perf_counter_ns() - waited_from
+                # A round that asked no draft for a block waited for none (the proto promises 0 there); a wait that
+                # ended without one (a draft timed out or failed) was spent waiting all the same.
+                draft_wait_ns = time.perf_counter_ns() - waited_from if waits_for_draft else 0
                 stats.draft_wait_ns += draft_wait_ns
                 verification, verify_ns, batch_size = await self.batcher.run(
                     verification_row(sequence, block),

@@ -313,3 +313,14 @@ def test_stream_chunks_say_where_each_round_spent_its_time(target_related, refer
     assert all(t.overhead_ns >= 0 for t in timings[1:] if not t.drafted_ahead)
     # The target's own part: a round is its wait for the block, its forward, and the target's own work in between.
     assert all(0 < t.target_overhead_ns < t.round_ns - t.verify_ns for t in timings[1:])
+
+
+@pytest.mark.parametrize("target", ["target_related", "target_alone"])
+def test_rounds_that_ask_no_draft_report_no_draft_wait(request, target, reference):
+    # target.proto: RoundTiming.draft_wait_ns is 0 in a round without a block, and GenerationStats.draft_wait_ns
+    # sums it: speculation off for the request, or no draft server at all, waits for none.
+    with Client(request.getfixturevalue(target).address, timeout=60) as client:
+        chunks = list(client.stream(PROMPTS[0], max_new_tokens=8, num_speculative_tokens=0, ignore_eos=True))
+    assert [t for c in chunks for t in c.token_ids] == reference(PROMPTS[0], 8)
+    assert [c.round_timing.draft_wait_ns for c in chunks] == [0] * len(chunks)
+    assert chunks[-1].stats.num_drafts == 0 and chunks[-1].stats.draft_wait_ns == 0
