@@ -152,8 +152,10 @@ class TargetEngine:
     def live_sessions(self) -> int:
         return self.admission.running
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationUpdate]:
-        arrived = time.perf_counter_ns()
+    async def generate(self, request: GenerationRequest, arrived: int | None = None) -> AsyncIterator[GenerationUpdate]:
+        """`arrived`: when the request arrived (time.perf_counter_ns), before it was tokenized; default now. The stats'
+        time_to_first_token_ns and total_time_ns count from it."""
+        arrived = time.perf_counter_ns() if arrived is None else arrived
         async with self.admission.slot():
             async for update in self._generate(request, arrived):
                 yield update

@@ -3,6 +3,7 @@
 import asyncio
 import concurrent.futures
 import dataclasses
+import time
 
 from splitspec_client.v1 import target_pb2, target_pb2_grpc
 
@@ -58,8 +59,9 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
             self._tokenizing, request_types.from_pb, message, self.engine.tokenizer, self.limits)
 
     async def Generate(self, message, context):
+        arrived = time.perf_counter_ns()  # the stats' times count from here: tokenizing a long prompt takes a while
         response = target_pb2.GenerateResponse()
-        async for update in self.engine.generate(await self._request(message)):
+        async for update in self.engine.generate(await self._request(message), arrived):
             response.token_ids.extend(update.token_ids)
             response.text += update.text
             if update.finish_reason is not None:
@@ -68,7 +70,8 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         return response
 
     async def GenerateStream(self, message, context):
-        async for update in self.engine.generate(await self._request(message)):
+        arrived = time.perf_counter_ns()
+        async for update in self.engine.generate(await self._request(message), arrived):
             chunk = target_pb2.GenerateStreamResponse(token_ids=update.token_ids, text=update.text)
             if update.round_timing is not None:
                 chunk.round_timing.CopyFrom(target_pb2.RoundTiming(**dataclasses.asdict(update.round_timing)))
