@@ -82,9 +82,10 @@ def _draft_vocabulary(address: str) -> common_pb2.VocabularyInfo:
         return draft_pb2_grpc.DraftServiceStub(channel).Info(draft_pb2.DraftInfoRequest(), timeout=10).vocabulary
 
 
-def _start(vocabulary, k=3, prompt=(1, 20, 30)):
+def _start(vocabulary, k=3, prompt=(1, 20, 30), sampling=None):
     return draft_pb2.SpeculateRequest(start=draft_pb2.SessionStart(
-        prompt_token_ids=list(prompt), num_speculative_tokens=k, target_vocabulary=vocabulary, request_id="t"))
+        prompt_token_ids=list(prompt), num_speculative_tokens=k, target_vocabulary=vocabulary, request_id="t",
+        sampling=sampling))
 
 
 def _verdict(**fields):
@@ -120,6 +121,15 @@ def test_draft_protocol_violations(unrelated_draft):
         ([_start(vocabulary, prompt=())], grpc.StatusCode.INVALID_ARGUMENT, "start.prompt_token_ids"),
         ([_start(vocabulary, prompt=(1, VOCAB_SIZE + 7))], grpc.StatusCode.INVALID_ARGUMENT, "start.prompt_token_ids"),
         ([draft_pb2.SpeculateRequest()], grpc.StatusCode.INVALID_ARGUMENT, "kind"),
+        # A verdict asking for no further block leaves none open: one more verdict is out of order.
+        ([start, _verdict(block_index=0, accepted_len=1, next_token_id=5, rollback_to=4, num_speculative_tokens=0),
+          _verdict(block_index=1, accepted_len=0, next_token_id=5, rollback_to=5)],
+         grpc.StatusCode.FAILED_PRECONDITION, "no block is open"),
+        # The draft validates the sampling parameters as the target does (common.proto's ranges).
+        ([_start(vocabulary, sampling=common_pb2.SamplingParams(temperature=1.0, top_p=0.0))],
+         grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
+        ([_start(vocabulary, sampling=common_pb2.SamplingParams(temperature=-1.0))],
+         grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
     ]
     for requests, code, message in cases:
         error, responses = _speculate(unrelated_draft.address, requests)
