@@ -1,153 +1,22 @@
-"""Client SDK against a scripted in-process TargetService: request building, conversions, streaming, cancellation,
-error mapping, deadlines, the asyncio client and the CLI. The real servers are tested elsewhere."""
+"""Client SDK against a scripted in-process TargetService (fake_target.py): request building, conversions, streaming,
+cancellation, error mapping, deadlines and the asyncio client. The CLI: test_client_cli.py; the real servers are
+tested elsewhere."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import socket
 import subprocess
 import sys
-import threading
-import time
-from concurrent import futures
 
 import grpc
 import pytest
 
+from fake_target import STATS_FIELDS, STATUS_ERRORS, address, client, fake  # noqa: F401 (fixtures)
 from splitspec_client import AsyncClient, Client, GenerationStats, StreamChunk, errors
 from splitspec_client._request import build_generate_request
-from splitspec_client.cli import main
-from splitspec_client.v1 import common_pb2, target_pb2, target_pb2_grpc
-
-# Values exactly representable as float32, so that they survive the wire unchanged.
-STATS_FIELDS = dict(
-    prompt_tokens=5,
-    generated_tokens=3,
-    rounds=2,
-    num_drafts=2,
-    num_draft_tokens=8,
-    num_accepted_tokens=3,
-    num_accepted_tokens_per_pos=(2, 1, 0, 0),
-    acceptance_rate=0.375,
-    mean_accepted_length=2.5,
-    time_to_first_token_ns=120_000_000,
-    total_time_ns=1_500_000_000,
-    draft_wait_ns=300_000_000,
-    verify_ns=900_000_000,
-    draft_server="127.0.0.1:50052",
-    fallback_reason="",
-    num_drafts_ahead=1,
-    num_stale_drafts=0,
-)
-STATS = target_pb2.GenerationStats(**STATS_FIELDS)
-GENERATE_RESPONSE = target_pb2.GenerateResponse(
-    text=" Paris.", token_ids=[3681, 13, 2], finish_reason=target_pb2.FINISH_REASON_EOS_TOKEN, stats=STATS
-)
-STREAM_RESPONSES = [
-    target_pb2.GenerateStreamResponse(token_ids=[3681], text=" Paris"),
-    target_pb2.GenerateStreamResponse(token_ids=[13], text=".", round_timing=target_pb2.RoundTiming(
-        round_ns=9_000_000, draft_wait_ns=4_000_000, block_draft_ns=3_500_000, verify_ns=4_200_000, batch_size=3)),
-    target_pb2.GenerateStreamResponse(token_ids=[2], finish_reason=target_pb2.FINISH_REASON_EOS_TOKEN, stats=STATS),
-]
-INFO_RESPONSE = target_pb2.TargetInfoResponse(
-    model="tiny-llama",
-    device="cuda",
-    dtype="bfloat16",
-    vocabulary=common_pb2.VocabularyInfo(vocab_size=32000, eos_token_ids=[2], bos_token_id=1, pad_token_id=-1),
-    max_context_tokens=2048,
-    num_speculative_tokens=4,
-    max_num_speculative_tokens=8,
-    draft_servers=[
-        target_pb2.DraftServerStatus(address="cpu-1:50052", connected=True, model="tiny-draft", live_sessions=1),
-        target_pb2.DraftServerStatus(address="cpu-2:50052", error="connection refused"),
-    ],
-    live_sessions=1,
-)
-
-STATUS_ERRORS = [
-    (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgumentError),
-    (grpc.StatusCode.FAILED_PRECONDITION, errors.FailedPreconditionError),
-    (grpc.StatusCode.NOT_FOUND, errors.NotFoundError),
-    (grpc.StatusCode.RESOURCE_EXHAUSTED, errors.ResourceExhaustedError),
-    (grpc.StatusCode.UNAVAILABLE, errors.UnavailableError),
-    (grpc.StatusCode.DEADLINE_EXCEEDED, errors.DeadlineExceededError),
-    (grpc.StatusCode.UNAUTHENTICATED, errors.UnauthenticatedError),
-    (grpc.StatusCode.PERMISSION_DENIED, errors.PermissionDeniedError),
-    (grpc.StatusCode.CANCELLED, errors.CancelledError),
-    (grpc.StatusCode.INTERNAL, errors.InternalError),
-    (grpc.StatusCode.DATA_LOSS, errors.SplitspecError),  # no class of its own: the base class
-]
-
-
-def _wait_while_active(context: grpc.ServicerContext, seconds: float) -> None:
-    """Sleep up to `seconds`, returning early once the client has gone (deadline or cancellation)."""
-    end = time.monotonic() + seconds
-    while context.is_active() and time.monotonic() < end:
-        time.sleep(0.01)
-
-
-class FakeTarget(target_pb2_grpc.TargetServiceServicer):
-    """Scripted TargetService: records each request and its metadata, answers canned messages or a given abort."""
-
-    def __init__(self):
-        self.requests: list[target_pb2.GenerateRequest] = []
-        self.metadata: list[dict[str, str]] = []
-        self.abort: tuple[grpc.StatusCode, str] | None = None
-        self.delay_s = 0.0
-        self.hold_stream = False  # after the first chunk, wait for the client to leave
-        self.stream_cancelled = threading.Event()
-
-    def _receive(self, request, context) -> None:
-        self.requests.append(request)
-        self.metadata.append(dict(context.invocation_metadata()))
-        _wait_while_active(context, self.delay_s)
-        if self.abort is not None:
-            context.abort(*self.abort)
-
-    def Generate(self, request, context):
-        self._receive(request, context)
-        return GENERATE_RESPONSE
-
-    def GenerateStream(self, request, context):
-        self._receive(request, context)
-        if not self.hold_stream:
-            yield from STREAM_RESPONSES
-            return
-        try:
-            yield STREAM_RESPONSES[0]
-            _wait_while_active(context, 5.0)
-        finally:
-            # After the client cancels, grpc either resumes this generator (is_active() turns False in the loop) or
-            # never does and closes it at the yield (GeneratorExit): both count.
-            if not context.is_active():
-                self.stream_cancelled.set()
-
-    def Info(self, request, context):
-        self._receive(request, context)
-        return INFO_RESPONSE
-
-
-@pytest.fixture
-def fake() -> FakeTarget:
-    return FakeTarget()
-
-
-@pytest.fixture
-def address(fake):
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    target_pb2_grpc.add_TargetServiceServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(grace=None)
-
-
-@pytest.fixture
-def client(address):
-    with Client(address, timeout=5.0) as client:
-        yield client
+from splitspec_client.v1 import target_pb2
 
 
 # --- request building ---
@@ -372,112 +241,6 @@ def test_async_deadline(fake, address):
             return await client.generate("x", timeout=5.0)
 
     assert asyncio.run(scenario()).text == " Paris."
-
-
-# --- CLI ---
-
-
-def test_cli_streams_text_then_a_summary(fake, address, capsys):
-    argv = ["generate", "Capital of France?", "--target", address, "--top-p", "0.9", "--stop", "\n", "--stop", "END"]
-    assert main([*argv, "--num-speculative-tokens", "0", "--ignore-eos"]) == 0
-    out, err = capsys.readouterr()
-    assert out == " Paris.\n"
-    assert "[eos_token] 3 tokens in 1.50 s (2.0 tokens/s), TTFT 120 ms" in err
-    assert "acceptance rate 0.38, mean accepted length 2.50" in err
-    # Flags not given keep the SDK's defaults.
-    assert fake.requests == [
-        build_generate_request(
-            "Capital of France?", top_p=0.9, stop=["\n", "END"], num_speculative_tokens=0, ignore_eos=True
-        )
-    ]
-
-
-def test_cli_no_stream_and_json(fake, address, capsys):
-    assert main(["generate", "x", "--target", address, "--no-stream", "--max-new-tokens", "3"]) == 0
-    assert capsys.readouterr().out == " Paris.\n"
-    assert main(["generate", "x", "--target", address, "--json", "--seed", "7"]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["text"] == " Paris." and printed["token_ids"] == [3681, 13, 2]
-    assert printed["finish_reason"] == "eos_token"
-    assert printed["stats"]["num_accepted_tokens_per_pos"] == [2, 1, 0, 0]
-    assert printed["stats"]["time_to_first_token_ns"] == 120_000_000
-    assert [request.max_new_tokens for request in fake.requests] == [3, 64]
-    assert fake.requests[1].sampling.seed == 7
-
-
-def test_cli_info_from_env_target(address, capsys, monkeypatch):
-    monkeypatch.setenv("SPLITSPEC_TARGET", address)
-    assert main(["info", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["draft_servers"][1]["error"] == "connection refused"
-    assert main(["info"]) == 0
-    out = capsys.readouterr().out
-    assert "model: tiny-llama (bfloat16 on cuda)" in out
-    assert "num speculative tokens: 4 (max 8)" in out
-    assert "  cpu-2:50052: connection refused" in out
-
-
-@pytest.mark.parametrize(
-    ("code", "exit_code"),
-    [
-        (grpc.StatusCode.INVALID_ARGUMENT, 2),
-        (grpc.StatusCode.FAILED_PRECONDITION, 2),
-        (grpc.StatusCode.UNAVAILABLE, 1),
-        (grpc.StatusCode.INTERNAL, 1),
-    ],
-)
-def test_cli_errors(fake, address, capsys, code, exit_code):
-    fake.abort = (code, "max_new_tokens: must be >= 1, got 0")
-    assert main(["generate", "x", "--target", address, "--max-new-tokens", "0"]) == exit_code
-    out, err = capsys.readouterr()
-    assert err == f"error: {code.name}: max_new_tokens: must be >= 1, got 0\n"
-
-
-# No server listens at this address: each of these fails before any call.
-UNREACHABLE = "127.0.0.1:1"
-
-
-@pytest.mark.parametrize(
-    ("argv", "option"),
-    [
-        (["generate", "x", "--seed", "-1"], "--seed"),
-        (["generate", "x", "--seed", str(2**64)], "--seed"),
-        (["generate", "x", "--max-new-tokens", "3000000000"], "--max-new-tokens"),
-        (["generate", "x", "--top-k", str(-(2**31) - 1)], "--top-k"),
-        (["loadtest", "--seed", "-1"], "--seed"),
-        (["loadtest", "--num-speculative-tokens", str(2**31)], "--num-speculative-tokens"),
-    ],
-)
-def test_cli_refuses_integers_the_request_cannot_carry(argv, option, capsys):
-    with pytest.raises(SystemExit) as exited:
-        main([*argv, "--target", UNREACHABLE])
-    assert exited.value.code == 2
-    errors_printed = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(errors_printed) == 1 and f"argument {option}: must be in [" in errors_printed[0]
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["generate", "\udcff"], "error: prompt: 'utf-8' codec can't encode"),
-        (["loadtest", "--prompt", "x", "--prompt", "\udcff", "--total", "1"], "error: prompt: 'utf-8' codec"),
-        (["info", "--tls-ca", "/nonexistent/ca.pem"], "error: --tls-ca: [Errno 2]"),
-        (["info", "--tls-cert", "/nonexistent/client.pem"], "error: --tls-cert and --tls-key: give both or neither"),
-        (["info", "--token-file", "/nonexistent/token"], "error: --token-file: [Errno 2]"),
-    ],
-)
-def test_cli_argument_errors_found_before_any_call_exit_2(argv, message, capsys):
-    assert main([*argv, "--target", UNREACHABLE]) == 2
-    out, err = capsys.readouterr()
-    assert out == "" and err.startswith(message) and err.count("\n") == 1
-
-
-def test_cli_refuses_bad_arguments_in_one_line_without_a_traceback():
-    completed = subprocess.run(
-        [sys.executable, "-m", "splitspec_client", "generate", "x", "--seed", "-1", "--target", UNREACHABLE],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert completed.returncode == 2 and "Traceback" not in completed.stderr
-    assert completed.stderr.splitlines()[-1].endswith(f"error: argument --seed: must be in [0, {2**64 - 1}], got -1")
 
 
 def test_sdk_imports_neither_torch_nor_the_servers():
