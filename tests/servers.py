@@ -2,6 +2,7 @@
 
 import atexit
 import pathlib
+import time
 
 import grpc
 
@@ -53,3 +54,13 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def wait_until(condition, timeout_s: float, interval_s: float = 0.05) -> bool:
+    """Poll `condition` until it holds (True) or `timeout_s` passes (its last answer)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval_s)
+    return condition()

@@ -9,24 +9,13 @@ import grpc
 import pytest
 from splitspec_client import Client
 
-from servers import start_draft, start_target
+from servers import start_draft, start_target, wait_until
 from splitspec.models import Vocabulary
 from splitspec.protocol import SessionStart
 from splitspec.sampling import SamplingParams
 from target_server.draft_pool import DraftLinkError, DraftPool
 
 PROMPT = "The quick brown fox"
-
-
-def wait_until(condition, timeout_s: float, interval_s: float = 0.05) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval_s)
-    return condition()
 
 
 def test_a_request_waits_for_the_full_drafts_free_session_and_then_speculates(model_dirs, log_dir, reference):

@@ -12,7 +12,7 @@ import pytest
 from splitspec_client import Client
 from splitspec_client.v1 import draft_pb2, draft_pb2_grpc
 
-from servers import start_draft, start_target
+from servers import start_draft, start_target, wait_until
 from target_server.block_size import GoodputSizer
 
 PROMPT = "The quick brown fox"
@@ -23,15 +23,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def wait_until(condition, timeout_s: float, interval_s: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval_s)
-    return condition()
 
 
 def draft_live_sessions(address: str) -> int:

@@ -10,7 +10,7 @@ import pytest
 from splitspec_client import Client, SplitspecError
 from splitspec_client.v1 import draft_pb2, draft_pb2_grpc
 
-from servers import rss_mb
+from servers import rss_mb, wait_until
 
 RSS_GROWTH_BOUND_MB = 150
 
@@ -51,25 +51,16 @@ def soak(target, draft, reference, seconds: float, concurrency: int = 4) -> dict
             future.result()
 
     with Client(target.address, timeout=10) as client:
-        assert _eventually(lambda: client.info().live_sessions == 0)
+        assert wait_until(lambda: client.info().live_sessions == 0, 2.0)
     with grpc.insecure_channel(draft.address) as channel:
         stub = draft_pb2_grpc.DraftServiceStub(channel)
-        assert _eventually(lambda: stub.Info(draft_pb2.DraftInfoRequest(), timeout=5).live_sessions == 0)
+        assert wait_until(lambda: stub.Info(draft_pb2.DraftInfoRequest(), timeout=5).live_sessions == 0, 2.0)
     for server, before in zip((target, draft), rss_before):
         counts[f"{server.module}_rss_growth_mb"] = round(rss_mb(server.process.pid) - before, 1)
         assert counts[f"{server.module}_rss_growth_mb"] < RSS_GROWTH_BOUND_MB, server.module
     assert counts["errors"] == 0
     counts["sessions_leaked"] = 0  # asserted above: both halves back to zero live sessions
     return counts
-
-
-def _eventually(condition, timeout_s: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_short_mixed_load(target_related, related_draft, reference):
