@@ -120,7 +120,8 @@ class TargetMetrics:
         self.e2e_request_latency.observe(stats.total_time_ns / 1e9)
         self.draft_wait.observe(stats.draft_wait_ns / 1e9)
         self.verify_time.observe(stats.verify_ns / 1e9)
-        if stats.fallback_reason and stats.draft_server:
+        # Not `fallback_reason`: a request that waited for a full draft, or was refused by one, has one too.
+        if stats.draft_failures:
             self.draft_fallback_requests.inc()
 
 

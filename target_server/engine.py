@@ -49,6 +49,9 @@ class GenerationStats:
     fallback_reason: str = ""
     num_drafts_ahead: int = 0
     num_stale_drafts: int = 0
+    # Draft sessions that failed (a draft refusing one for holding its most sessions is full, not failed): for the
+    # draft_fallback_requests metric, since fallback_reason also names a wait for a full draft.
+    draft_failures: int = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -249,6 +252,7 @@ class TargetEngine:
                     stats.total_time_ns = time.perf_counter_ns() - arrived
                     stats.draft_server, stats.fallback_reason = speculation.draft_server, speculation.fallback_reason
                     stats.num_stale_drafts = speculation.stale_blocks
+                    stats.draft_failures = speculation.draft_failures
                     self.metrics.record_finish(stats)
                     log.info("request %s finished (%s): %d prompt + %d tokens in %d rounds, acceptance %.2f, %.1f ms%s",
                              request.request_id, finish_reason, stats.prompt_tokens, stats.generated_tokens,

@@ -57,6 +57,7 @@ class Speculation:
         self.link: DraftLink | None = None
         self.draft_server = ""
         self.fallback_reason = ""
+        self.draft_failures = 0  # sessions that failed; a refusal as full is none
         self.gave_up = False
 
     async def open(self, token_ids: list[int], num_tokens: int) -> None:
@@ -89,6 +90,7 @@ class Speculation:
         self.fallback_reason = reason
         link, self.link = self.link, None
         if not full:
+            self.draft_failures += 1
             self.pool.report_failure(link.endpoint, reason)
         await link.close(cancel=True)
         if full:  # once closed, so that the refused session is not counted among those the draft holds

@@ -9,6 +9,7 @@ import grpc
 import pytest
 from splitspec_client import Client
 
+from scrape import METRICS_FLAGS, metric, scrape
 from servers import start_draft, start_target, wait_until
 from splitspec.models import Vocabulary
 from splitspec.protocol import SessionStart
@@ -23,7 +24,8 @@ def test_a_request_waits_for_the_full_drafts_free_session_and_then_speculates(mo
     mid-generation; the draft never refuses a session, so it stays connected."""
     draft = start_draft(model_dirs["related_draft"], log_dir, "one-session-draft", "--max-sessions", "1")
     target = start_target(model_dirs["target"], log_dir, "target-one-session-draft", [draft.address],
-                          "--max-num-seqs", "1")  # each forward one request: the long one outlasts the short one
+                          "--max-num-seqs", "1",  # each forward one request: the long one outlasts the short one
+                          *METRICS_FLAGS)
     try:
         holding = threading.Event()
 
@@ -53,6 +55,8 @@ def test_a_request_waits_for_the_full_drafts_free_session_and_then_speculates(mo
             [status] = client.info().draft_servers
         assert status.connected and not status.error
         assert "RESOURCE_EXHAUSTED" not in draft.log() and "not used" not in target.log()
+        # Waiting for a full draft is no draft failure, though the request names the wait in its fallback_reason.
+        assert metric(scrape(target), "splitspec:draft_fallback_requests_total") == 0
     finally:
         assert target.stop() == 0
         assert draft.stop() == 0
@@ -65,7 +69,7 @@ def test_a_draft_refusing_a_session_as_full_stays_connected_and_is_used_again(mo
     draft = start_draft(model_dirs["related_draft"], log_dir, "shared-draft", "--max-sessions", "1")
     holder = start_target(model_dirs["target"], log_dir, "target-holding-the-draft", [draft.address])
     other = start_target(model_dirs["target"], log_dir, "target-refused-by-the-draft", [draft.address],
-                         "--draft-probe-interval", "1.0")
+                         "--draft-probe-interval", "1.0", *METRICS_FLAGS)
     try:
         with Client(holder.address, timeout=120) as holding_client, Client(other.address, timeout=60) as client:
             stream = holding_client.stream(PROMPT, max_new_tokens=400, ignore_eos=True)
@@ -83,6 +87,8 @@ def test_a_draft_refusing_a_session_as_full_stays_connected_and_is_used_again(mo
                 return result.stats.num_drafts > 0
 
             assert wait_until(speculates, 10, interval_s=0.2)
+        # A refusal as full is no failure of the draft session.
+        assert metric(scrape(other), "splitspec:draft_fallback_requests_total") == 0
     finally:
         assert holder.stop() == 0
         assert other.stop() == 0

@@ -136,6 +136,19 @@ def test_an_invalid_block_ends_the_session_and_a_reopened_one_is_used():
     spec = speculation(pool, max_reopens=1)
     assert asyncio.run(spec.next_block(SEQUENCE, 2)) == good.truncated(2)
     assert pool.opened == 2 and "out of the vocabulary" in pool.failures[0]
+    assert spec.draft_failures == 1  # what draft_fallback_requests counts
+
+
+def test_a_refusal_as_full_is_no_draft_failure():
+    """The draft holds its most sessions: the request reopens later, and draft_fallback_requests does not count it,
+    though fallback_reason says why the request went without a draft meanwhile."""
+    good = block([4, 9])
+    pool = ScriptedPool([[DraftLinkError("draft draft:1: RESOURCE_EXHAUSTED: at its limit", full=True)], [good]])
+    pool.report_full = lambda endpoint: pool.failures.append("full")
+    spec = speculation(pool, max_reopens=1)
+    assert asyncio.run(spec.next_block(SEQUENCE, 2)) == good.truncated(2)
+    assert pool.opened == 2 and pool.failures == ["full"]
+    assert spec.draft_failures == 0 and "RESOURCE_EXHAUSTED" in spec.fallback_reason
 
 
 @pytest.mark.parametrize("accepted_len, next_num_tokens", [(0, 4), (2, 3), (3, 0)])
@@ -151,3 +164,18 @@ def test_a_verdict_rolls_back_to_the_blocks_start_plus_its_accepted_tokens(accep
                                      num_verified_tokens=3)]
     assert spec.verdicts_sent == 1
     assert (spec.link is None) == (next_num_tokens == 0) and link.closed == (next_num_tokens == 0)
+
+
+def test_draft_fallback_requests_counts_requests_whose_draft_session_failed():
+    from prometheus_client import CollectorRegistry
+
+    from splitspec.metrics import TargetMetrics
+    from target_server.engine import GenerationStats
+
+    registry = CollectorRegistry()
+    metrics = TargetMetrics(registry)
+    full = "every draft server that fits the request holds its most sessions"
+    metrics.record_finish(GenerationStats(draft_server="draft:1", fallback_reason=full))  # waited, then speculated
+    assert registry.get_sample_value("splitspec:draft_fallback_requests_total") == 0
+    metrics.record_finish(GenerationStats(draft_server="draft:1", fallback_reason="no block", draft_failures=1))
+    assert registry.get_sample_value("splitspec:draft_fallback_requests_total") == 1
