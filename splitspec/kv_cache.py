@@ -56,6 +56,14 @@ class SequenceKV(Sequence):
             self.cache.crop(-excess)
 
 
+def wait_for_device(device: torch.device) -> None:
+    """Return once `device` has run the work queued on it. CUDA kernels run asynchronously: a forward returns as soon
+    as it is queued, so a clock read then times the launch alone and the work lands in whatever waits on the device
+    next (the next batch's forward, which the goodput schedule would then take for slow). A no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclasses.dataclass
 class ForwardRow:
     """One row of a batched forward: feed `token_ids` after the sequence's cached prefix, keep the last
@@ -98,8 +106,11 @@ class CausalLMRunner(Runner):
         return output.logits[0].float()  # [logits_to_keep, vocab_size]
 
     def forward_batch(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
-        """`forward` of each row, one after another: a DynamicCache per sequence cannot join a batch."""
-        return [self.forward(row.sequence, row.token_ids, row.logits_to_keep) for row in rows]
+        """`forward` of each row, one after another: a DynamicCache per sequence cannot join a batch. Returns once
+        the device has run them, as the batcher times it (`wait_for_device`)."""
+        logits = [self.forward(row.sequence, row.token_ids, row.logits_to_keep) for row in rows]
+        wait_for_device(self.device)
+        return logits
 
     def free_unused_memory(self) -> None:
         """Nothing to free: each sequence's cache goes with it."""

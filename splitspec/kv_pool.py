@@ -27,7 +27,7 @@ import heapq
 import torch
 from transformers import Cache
 
-from splitspec.kv_cache import CausalLMRunner, ForwardRow, Runner, Sequence
+from splitspec.kv_cache import CausalLMRunner, ForwardRow, Runner, Sequence, wait_for_device
 
 BATCHABLE_ATTENTION = ("sdpa", "eager")
 
@@ -198,7 +198,8 @@ class BatchedCausalLMRunner(Runner):
     def forward_batch(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
         """One forward over every row; returns each row's float32 logits `# [logits_to_keep, vocab_size]`, whose
         row i predicts the token after fed token len(token_ids) - logits_to_keep + i. Each row's fed tokens count
-        as cached afterwards, as with a `DynamicCache`: `truncate_cache` drops those that should not stay."""
+        as cached afterwards, as with a `DynamicCache`: `truncate_cache` drops those that should not stay. Returns
+        once the device has run the forward, as the batcher times it (`wait_for_device`)."""
         num_columns = max(len(row.token_ids) for row in rows)
         starts, padding, input_ids = [], [], []
         for row in rows:
@@ -242,6 +243,7 @@ class BatchedCausalLMRunner(Runner):
         for row in rows:
             row.sequence.cached_len += len(row.token_ids)
         logits = output.logits.float()  # [rows, max logits_to_keep, vocab]
+        wait_for_device(device)
         return [logits[r, logits.shape[1] - row.logits_to_keep :] for r, row in enumerate(rows)]
 
     def free_unused_memory(self) -> None:

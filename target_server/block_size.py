@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from splitspec.kv_cache import Runner
+from splitspec.kv_cache import Runner, wait_for_device
 from splitspec.speculative import (DecayedAcceptance, chance_drafted_ahead_stands, draft_ahead_pays,
                                    expected_round_ns, goodput_by_block_size)
 
@@ -102,7 +102,6 @@ def measure_verify_profile(runner: Runner, max_num_tokens: int, context_tokens: 
     sequence = runner.new_sequence([0] * context_tokens)
     try:
         runner.prefill(sequence, context_tokens)
-        synchronize = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda *_: None)
         lengths, times = profile_lengths(max_num_tokens), []
         for num_tokens in (lengths[-1], 1):  # warm-up
             runner.forward(sequence, [0] * num_tokens, num_tokens)
@@ -110,7 +109,7 @@ def measure_verify_profile(runner: Runner, max_num_tokens: int, context_tokens: 
         for num_tokens in lengths:
             samples = []
             for _ in range(repeats):
-                synchronize(runner.device)
+                wait_for_device(runner.device)
                 started = time.perf_counter_ns()
                 logits = runner.forward(sequence, [0] * num_tokens, num_tokens)
                 logits.argmax(dim=-1).tolist()  # as a verification reads its result

@@ -13,7 +13,8 @@ from transformers import MistralConfig, MistralForCausalLM
 
 from scrape import METRICS_FLAGS, metric, scrape
 from servers import start_draft, start_target
-from splitspec import models
+from splitspec import kv_cache, kv_pool, models
+from splitspec.batcher import ForwardBatcher
 from splitspec.kv_cache import CausalLMRunner, ForwardRow
 from splitspec.kv_pool import BatchedCausalLMRunner, KVPool, batching_problem, runner_for
 from splitspec.sampling import SamplingParams
@@ -113,6 +114,29 @@ def test_a_long_cached_row_batched_with_a_long_prefill_keeps_the_pool_within_the
     for want, row_logits in zip(expected, got):
         torch.testing.assert_close(row_logits, want, atol=1e-4, rtol=1e-4)
     assert batched.pool.keys[0].shape[2] == 512
+
+
+@pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "one-cache-per-sequence"])
+def test_the_batcher_times_a_forward_until_the_device_has_run_it(monkeypatch, pooled):
+    """On a GPU a forward returns once queued; a prefill (no finish reads its logits) was timed as its launch, and
+    its GPU time billed to the next batch's verify_ns. Emulated here: a device wait of 0.2 s stands for the GPU
+    still running the forward (tests/test_gpu.py shows it on a real one)."""
+    waited = []
+
+    def slow_device(device):
+        time.sleep(0.2)
+        waited.append(device)
+
+    monkeypatch.setattr(kv_cache, "wait_for_device", slow_device)
+    monkeypatch.setattr(kv_pool, "wait_for_device", slow_device)
+    model = build_llama(seed=0)
+    runner = BatchedCausalLMRunner(model) if pooled else CausalLMRunner(model)
+    batcher = ForwardBatcher(runner, max_batch_size=8, max_batch_tokens=256)
+    try:
+        _, forward_ns, _ = asyncio.run(batcher.run(ForwardRow(runner.new_sequence([5, 6, 7]), [5, 6, 7], 1)))
+    finally:
+        batcher.shutdown()
+    assert waited == [runner.device] and forward_ns >= 0.2e9
 
 
 def test_released_slots_are_reused():

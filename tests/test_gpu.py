@@ -7,6 +7,7 @@ Two more check bfloat16, the production dtype, where batching may change logits 
 """
 
 import random
+import time
 
 import pytest
 import torch
@@ -129,3 +130,24 @@ def test_the_goodput_schedule_on_the_gpu_keeps_the_targets_output(model_dirs, lo
         assert "target forward by tokens fed (goodput schedule)" in target.log()
     finally:
         assert target.stop() == 0, target.log()
+
+
+@pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "one-cache-per-sequence"])
+def test_a_forward_on_the_gpu_returns_once_the_gpu_has_run_it(pooled):
+    """The batcher times forward_batch for verify_ns (and the goodput schedule learns from it): a forward whose GPU
+    work is still queued when it returns is timed as its launch. A forward made to queue ~0.1 s of GPU spinning
+    first must take that long."""
+    model = build_llama(seed=0).to("cuda")
+    runner = BatchedCausalLMRunner(model) if pooled else CausalLMRunner(model)
+    runner.forward_batch([ForwardRow(runner.new_sequence([5]), [5], 1)])  # warm-up (kernels, allocator)
+    forward = model.forward
+    cycles_per_s = torch.cuda.get_device_properties(0).clock_rate * 1000  # clock_rate is in kHz
+
+    def forward_after_spinning(*args, **kwargs):
+        torch.cuda._sleep(int(0.1 * cycles_per_s))  # queued on the stream: the host does not wait for it here
+        return forward(*args, **kwargs)
+
+    model.forward = forward_after_spinning
+    started = time.perf_counter()
+    runner.forward_batch([ForwardRow(runner.new_sequence([5, 6, 7]), [5, 6, 7], 1)])
+    assert time.perf_counter() - started >= 0.08
