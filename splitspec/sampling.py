@@ -122,10 +122,31 @@ def densify(
     vocab_size: int,
 ) -> torch.Tensor:  # [vocab_size] float32
     """Inverse of `sparse_distribution`: the target rebuilds the draft's q over the whole vocabulary."""
-    if token_ids.shape != probs.shape or token_ids.dim() != 1:
-        raise ValueError(f"token_ids {tuple(token_ids.shape)} and probs {tuple(probs.shape)} must be equal 1-D shapes")
-    if token_ids.numel() and not (0 <= int(token_ids.min()) and int(token_ids.max()) < vocab_size):
+    return densify_block([token_ids], [probs], vocab_size, probs.device)[0]
+
+
+def densify_block(
+    token_ids: list[torch.Tensor],  # k of [m_i] int64, one per draft token
+    probs: list[torch.Tensor],  # k of [m_i] float32
+    vocab_size: int,
+    device: str | torch.device,
+) -> torch.Tensor:  # [k, vocab_size] float32 on `device`
+    """`densify` of a block's k distributions, stacked on `device`. They come off the wire on the host, and are
+    checked there: checked on a GPU, each would cost two reads from it (a wait for everything queued), per draft
+    token and session, on the model worker's thread; instead the ids and the probabilities cross over once each."""
+    if len(token_ids) != len(probs) or any(ids.shape != ps.shape or ids.dim() != 1
+                                           for ids, ps in zip(token_ids, probs)):
+        raise ValueError(f"token_ids {[tuple(t.shape) for t in token_ids]} and probs {[tuple(p.shape) for p in probs]} "
+                         "must be equal 1-D shapes")
+    dense = torch.zeros((len(token_ids), vocab_size), dtype=torch.float32, device=device)
+    if not token_ids or not sum(ids.numel() for ids in token_ids):
+        return dense
+    flat_ids = torch.cat([ids.long() for ids in token_ids])  # [m]
+    if not (0 <= int(flat_ids.min()) and int(flat_ids.max()) < vocab_size):
         raise ValueError(f"token ids must be in [0, {vocab_size})")
-    dense = torch.zeros(vocab_size, dtype=torch.float32, device=probs.device)
-    dense[token_ids.long()] = probs.float()
+    rows = torch.repeat_interleave(torch.arange(len(token_ids), device=flat_ids.device),
+                                   torch.tensor([ids.numel() for ids in token_ids], device=flat_ids.device))  # [m]
+    # non_blocking: a copy from the host's ordinary memory is staged at once, and the stream orders the rest.
+    cells = torch.stack([rows, flat_ids]).to(device, non_blocking=True)  # [2, m]
+    dense[cells[0], cells[1]] = torch.cat([ps.float() for ps in probs]).to(device, non_blocking=True)
     return dense

@@ -42,11 +42,12 @@ def verify_greedy(
 ) -> Verification:
     """Accept while the draft token is the target's argmax; next token is the target's argmax after them."""
     k = draft_token_ids.numel()
-    # torch.argmax takes the first index on ties, like generate(do_sample=False).
-    target_token_ids = target_logits.argmax(dim=-1)  # [k+1]
-    mismatch = target_token_ids[:k] != draft_token_ids.to(target_token_ids.device)  # [k]
-    accepted_len = int(_first_true(mismatch))
-    return Verification(accepted_len, int(target_token_ids[accepted_len]))
+    # torch.argmax takes the first index on ties, like generate(do_sample=False). One read from the target's device
+    # for the whole block (each read waits for all the device has queued); the comparison is the host's.
+    target_token_ids = target_logits.argmax(dim=-1).tolist()  # [k+1]
+    drafted = draft_token_ids.tolist()  # [k]
+    accepted_len = next((i for i, (target, draft) in enumerate(zip(target_token_ids, drafted)) if target != draft), k)
+    return Verification(accepted_len, target_token_ids[accepted_len])
 
 
 def verify_sampling(

@@ -20,7 +20,7 @@ from splitspec.kv_pool import BatchedCausalLMRunner
 from splitspec.metrics import TargetMetrics
 from splitspec.models import Vocabulary
 from splitspec.protocol import CandidateBlock
-from splitspec.sampling import SamplingParams, densify, logits_to_probs, make_generator
+from splitspec.sampling import SamplingParams, densify_block, logits_to_probs, make_generator
 from splitspec.speculative import Verification, verify_greedy, verify_sampling
 from target_server.admission import Admission
 from target_server.block_size import BlockSizer, GoodputPrior, GoodputSizer, VerifyProfile, load_cap, make_sizer
@@ -95,14 +95,16 @@ def finish_verification(sequence: Sequence, block: CandidateBlock | None, sampli
     """Verify the block against the target's `logits # [k+1, vocab]` from its `verification_row`; keep the accepted
     prefix in the sequence and its cache."""
     draft_token_ids = block.token_ids if block else []
-    drafted = torch.tensor(draft_token_ids, dtype=torch.long, device=logits.device)  # [k]
     if sampling.greedy:
-        verification = verify_greedy(logits, drafted)
+        # Compared on the host: the target's k + 1 argmax ids are read from the device once.
+        verification = verify_greedy(logits, torch.tensor(draft_token_ids, dtype=torch.long))
     else:
         vocab_size = logits.shape[-1]
-        draft_probs = torch.stack(
-            [densify(q.token_ids.to(logits.device), q.probs.to(logits.device), vocab_size) for q in block.draft_probs]
-        ) if block else logits.new_zeros((0, vocab_size))  # [k, vocab]
+        # non_blocking: a copy from the host's ordinary memory is staged at once, and the stream orders the rest.
+        drafted = torch.tensor(draft_token_ids, dtype=torch.long).to(logits.device, non_blocking=True)  # [k]
+        distributions = block.draft_probs if block else []
+        draft_probs = densify_block([q.token_ids for q in distributions], [q.probs for q in distributions],
+                                    vocab_size, logits.device)  # [k, vocab]
         verification = verify_sampling(logits_to_probs(logits, sampling), draft_probs, drafted, generator)
     # KV entries of rejected draft tokens are stale: keep the sequence before the block plus the accepted ones.
     start_position = len(sequence.token_ids)

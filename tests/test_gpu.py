@@ -8,6 +8,7 @@ Two more check bfloat16, the production dtype, where batching may change logits 
 
 import random
 import time
+import warnings
 
 import pytest
 import torch
@@ -16,8 +17,12 @@ from splitspec_client import Client
 from scrape import METRICS_FLAGS, scrape
 from servers import start_draft, start_target
 from splitspec import LLM, SamplingParams
-from splitspec.kv_cache import CausalLMRunner, ForwardRow
+from splitspec import sampling as token_sampling
+from splitspec.kv_cache import CausalLMRunner, ForwardRow, Sequence
 from splitspec.kv_pool import BatchedCausalLMRunner
+from splitspec.protocol import CandidateBlock, SparseDistribution
+from splitspec.speculative import Verification
+from target_server.engine import finish_verification
 from test_batching import PROMPTS, _at_once, _mean_batch, extend_both, sequence_pairs
 from tiny_models import build_llama
 
@@ -151,3 +156,39 @@ def test_a_forward_on_the_gpu_returns_once_the_gpu_has_run_it(pooled):
     started = time.perf_counter()
     runner.forward_batch([ForwardRow(runner.new_sequence([5, 6, 7]), [5, 6, 7], 1)])
     assert time.perf_counter() - started >= 0.08
+
+
+class _UncachedSequence(Sequence):
+    cached_len = 0
+
+    def truncate_cache(self, length: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_rounds_verification_reads_from_the_gpu_as_often_whatever_its_block_size(temperature):
+    """finish_verification runs on the model worker for each session of a batch, one after another; every read from
+    the GPU waits for it. Greedy reads the block's argmax once; sampling a fixed few times, not per draft token (it
+    checked and copied each draft token's q on the device). Counted with torch's sync debug mode."""
+    sampling = token_sampling.SamplingParams(temperature=temperature)
+
+    def syncs(k: int) -> int:
+        # The target puts nearly all mass on token 0, the draft little: every draft token 0 is accepted.
+        logits = torch.full((k + 1, 64), -20.0, device="cuda")
+        logits[:, 0] = 20.0
+        q = SparseDistribution(torch.tensor([0, 1]), torch.tensor([0.01, 0.99]))
+        block = CandidateBlock(0, 1, [0] * k, [q] * k if temperature else [], 0, 0)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                verification = finish_verification(_UncachedSequence([7]), block, sampling,
+                                                   token_sampling.make_generator(0, "cuda"), logits)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert verification == Verification(k, 0)
+        return sum("synchroniz" in str(warning.message) for warning in caught)
+
+    counts = [syncs(k) for k in (1, 8)]
+    assert counts[0] == counts[1] and counts[0] <= (1 if sampling.greedy else 4), counts

@@ -16,6 +16,7 @@ from splitspec.sampling import (
     MIN_TEMPERATURE,
     SamplingParams,
     densify,
+    densify_block,
     logits_to_probs,
     make_generator,
     sample,
@@ -173,6 +174,24 @@ def test_sample_sparse_returns_only_kept_ids_in_proportion():
     assert set(drawn.unique().tolist()) == {1, 3, 4}
     # 0.4 / 0.9 of the draws, within ~5 standard deviations.
     assert (drawn == 1).float().mean().item() == pytest.approx(0.4 / 0.9, abs=0.05)
+
+
+def test_densify_block_writes_the_blocks_q_on_the_targets_device_without_reading_it():
+    """The target's q for a block: row i is densify of draft token i's distribution, checked on the host where it
+    came off the wire. The meta device holds no data, so any read from it raises: a GPU target's device is written,
+    never read (each read would wait for all it has queued, per draft token and session). tests/test_gpu.py counts
+    the reads of a whole verification."""
+    token_ids = [torch.tensor([3, 1]), torch.tensor([0]), torch.tensor([5, 2, 4])]
+    probs = [torch.tensor([0.75, 0.25]), torch.tensor([1.0]), torch.tensor([0.5, 0.3, 0.2])]
+    dense = densify_block(token_ids, probs, 6, "cpu")
+    assert torch.equal(dense, torch.stack([densify(ids, ps, 6) for ids, ps in zip(token_ids, probs)]))
+    on_meta = densify_block(token_ids, probs, 6, "meta")
+    assert on_meta.device.type == "meta" and on_meta.shape == (3, 6)
+    assert densify_block([], [], 6, "meta").shape == (0, 6)
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        densify_block(token_ids, probs, 5, "meta")
+    with pytest.raises(ValueError, match="shapes"):
+        densify_block(token_ids, probs[:2], 6, "meta")
 
 
 def test_densify_refuses_out_of_range_ids():
