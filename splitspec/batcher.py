@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from splitspec.errors import ResourceExhausted
 from splitspec.kv_cache import ForwardRow
 
 log = logging.getLogger(__name__)
@@ -250,14 +251,24 @@ class ForwardBatcher:
         try:
             logits = self.runner.forward_batch([job.row for job in batch])
         except Exception as exc:  # noqa: BLE001 (every job of the batch gets the error)
-            return [(None, exc) for _ in batch]
+            error = self._capacity_error(exc, len(batch))
+            return [(None, error) for _ in batch]
         outcomes = []
         for job, row_logits in zip(batch, logits):
             try:
                 outcomes.append((job.finish(row_logits) if job.finish else None, None))
             except Exception as exc:  # noqa: BLE001 (one job's error is its own)
-                outcomes.append((None, exc))
+                outcomes.append((None, self._capacity_error(exc, 1)))
         return outcomes
+
+    def _capacity_error(self, exc: Exception, rows: int) -> Exception:
+        """A device out of memory is load, not a bug: RESOURCE_EXHAUSTED, which a caller may retry (INTERNAL,
+        anything else's status, says the server is broken). torch frees its cached blocks and retries before it
+        raises: the memory is taken, mostly by the KV pool, which grows with the sessions running and their lengths."""
+        if not isinstance(exc, torch.OutOfMemoryError):
+            return exc
+        log.warning("model worker %s: out of device memory in a forward of %d rows: %s", self.thread_name, rows, exc)
+        return ResourceExhausted(f"the model's device is out of memory under the current load; retry later ({exc})")
 
     @staticmethod
     def _deliver(job: _Job, result: Any, error: BaseException | None, batch_size: int) -> None:

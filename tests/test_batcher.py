@@ -4,10 +4,12 @@ failure fails, regrouping a forward's sessions, shutdown. The batched forwards t
 import asyncio
 import time
 
+import grpc
 import pytest
 import torch
 
 from splitspec.batcher import Continue, ForwardBatcher, _Job
+from splitspec.errors import ResourceExhausted
 from splitspec.kv_cache import ForwardRow
 from target_server import cli as target_cli
 
@@ -112,6 +114,35 @@ def test_the_model_worker_survives_failures_and_continues_jobs_on_its_thread():
 
     asyncio.run(scenario())
     assert [4, 10] in runner.batches and [5] in runner.batches
+
+
+def test_a_device_out_of_memory_fails_its_jobs_with_resource_exhausted_not_internal():
+    """On a GPU the KV pool grows with load until a forward runs out of device memory: that is capacity (a caller
+    may retry), not a server bug; the worker keeps serving."""
+    class OutOfMemoryRunner(_ScriptedRunner):
+        def forward_batch(self, rows):
+            if any(row.token_ids[0] < 3 for row in rows):  # tokens 1 and 2: batched together or not
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (scripted)")
+            return super().forward_batch(rows)
+
+    def finish_out_of_memory(logits):
+        raise torch.OutOfMemoryError("CUDA out of memory (scripted, in a finish)")
+
+    runner = OutOfMemoryRunner()
+    batcher = ForwardBatcher(runner, max_batch_size=8, max_batch_tokens=64)
+
+    async def scenario():
+        results = await asyncio.gather(batcher.run(ForwardRow(_Sequence(), [1], 1)),
+                                       batcher.run(ForwardRow(_Sequence(), [2], 1)), return_exceptions=True)
+        results.append((await asyncio.gather(batcher.run(ForwardRow(_Sequence(), [3], 1), finish_out_of_memory),
+                                             return_exceptions=True))[0])
+        for error in results:
+            assert isinstance(error, ResourceExhausted) and error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "out of memory" in error.message
+        assert (await batcher.run(ForwardRow(_Sequence(), [4], 1), lambda logits: int(logits)))[0] == 4
+        batcher.shutdown()
+
+    asyncio.run(scenario())
 
 
 class _TimedRunner(_ScriptedRunner):
