@@ -268,7 +268,9 @@ class ForwardBatcher:
         if not isinstance(exc, torch.OutOfMemoryError):
             return exc
         log.warning("model worker %s: out of device memory in a forward of %d rows: %s", self.thread_name, rows, exc)
-        return ResourceExhausted(f"the model's device is out of memory under the current load; retry later ({exc})")
+        error = ResourceExhausted(f"the model's device is out of memory under the current load; retry later ({exc})")
+        error.__cause__ = exc  # the offline LLM raises it: torch's error stays in the traceback
+        return error
 
     @staticmethod
     def _deliver(job: _Job, result: Any, error: BaseException | None, batch_size: int) -> None:
