@@ -145,8 +145,11 @@ def densify_block(
     if not (0 <= int(flat_ids.min()) and int(flat_ids.max()) < vocab_size):
         raise ValueError(f"token ids must be in [0, {vocab_size})")
     rows = torch.repeat_interleave(torch.arange(len(token_ids), device=flat_ids.device),
-                                   torch.tensor([ids.numel() for ids in token_ids], device=flat_ids.device))  # [m]
-    # non_blocking: a copy from the host's ordinary memory is staged at once, and the stream orders the rest.
-    cells = torch.stack([rows, flat_ids]).to(device, non_blocking=True)  # [2, m]
-    dense[cells[0], cells[1]] = torch.cat([ps.float() for ps in probs]).to(device, non_blocking=True)
+                                   torch.tensor([ids.numel() for ids in token_ids], device=flat_ids.device),
+                                   output_size=flat_ids.numel())  # [m]
+    # non_blocking towards a device only (to the host it would let the host read before the copy lands): a copy from
+    # the host's ordinary memory is staged at once, and the device's stream orders the rest.
+    non_blocking = dense.device.type != "cpu"
+    cells = torch.stack([rows, flat_ids]).to(device, non_blocking=non_blocking)  # [2, m]
+    dense[cells[0], cells[1]] = torch.cat([ps.float() for ps in probs]).to(device, non_blocking=non_blocking)
     return dense
