@@ -116,24 +116,16 @@ def sample_sparse(
     return int(token_ids[torch.multinomial(probs, 1, generator=generator)].item())
 
 
-def densify(
-    token_ids: torch.Tensor,  # [m] int64
-    probs: torch.Tensor,  # [m] float32
-    vocab_size: int,
-) -> torch.Tensor:  # [vocab_size] float32
-    """Inverse of `sparse_distribution`: the target rebuilds the draft's q over the whole vocabulary."""
-    return densify_block([token_ids], [probs], vocab_size, probs.device)[0]
-
-
 def densify_block(
     token_ids: list[torch.Tensor],  # k of [m_i] int64, one per draft token
     probs: list[torch.Tensor],  # k of [m_i] float32
     vocab_size: int,
     device: str | torch.device,
 ) -> torch.Tensor:  # [k, vocab_size] float32 on `device`
-    """`densify` of a block's k distributions, stacked on `device`. They come off the wire on the host, and are
-    checked there: checked on a GPU, each would cost two reads from it (a wait for everything queued), per draft
-    token and session, on the model worker's thread; instead the ids and the probabilities cross over once each."""
+    """Inverse of `sparse_distribution` for a block's k distributions: the target rebuilds the draft's q over the whole
+    vocabulary, stacked on `device`. They come off the wire on the host and are checked there: checked on a GPU, each
+    would cost two reads from it (a wait for everything queued), per draft token and session, on the model worker's
+    thread; instead the ids and the probabilities cross over once each."""
     if len(token_ids) != len(probs) or any(ids.shape != ps.shape or ids.dim() != 1
                                            for ids, ps in zip(token_ids, probs)):
         raise ValueError(f"token_ids {[tuple(t.shape) for t in token_ids]} and probs {[tuple(p.shape) for p in probs]} "

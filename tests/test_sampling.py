@@ -15,7 +15,6 @@ from splitspec.errors import InvalidArgument
 from splitspec.sampling import (
     MIN_TEMPERATURE,
     SamplingParams,
-    densify,
     densify_block,
     logits_to_probs,
     make_generator,
@@ -148,7 +147,7 @@ def test_sparse_distribution_densify_round_trip():
 
     assert token_ids.dtype == torch.int64 and sparse_probs.dtype == torch.float32
     assert token_ids.tolist() == [3, 4, 1]  # most likely first
-    assert torch.equal(densify(token_ids, sparse_probs, vocab_size=6), probs)
+    assert torch.equal(densify_block([token_ids], [sparse_probs], 6, "cpu")[0], probs)
 
 
 def test_sparse_distribution_truncates_to_the_most_likely_and_renormalizes():
@@ -177,14 +176,16 @@ def test_sample_sparse_returns_only_kept_ids_in_proportion():
 
 
 def test_densify_block_writes_the_blocks_q_on_the_targets_device_without_reading_it():
-    """The target's q for a block: row i is densify of draft token i's distribution, checked on the host where it
-    came off the wire. The meta device holds no data, so any read from it raises: a GPU target's device is written,
-    never read (each read would wait for all it has queued, per draft token and session). tests/test_gpu.py counts
-    the reads of a whole verification."""
+    """The target's q for a block: row i is draft token i's distribution over the vocabulary, checked on the host
+    where it came off the wire. The meta device holds no data, so any read from it raises: a GPU target's device is
+    written, never read (each read would wait for all it has queued, per draft token and session). tests/test_gpu.py
+    counts the reads of a whole verification."""
     token_ids = [torch.tensor([3, 1]), torch.tensor([0]), torch.tensor([5, 2, 4])]
     probs = [torch.tensor([0.75, 0.25]), torch.tensor([1.0]), torch.tensor([0.5, 0.3, 0.2])]
     dense = densify_block(token_ids, probs, 6, "cpu")
-    assert torch.equal(dense, torch.stack([densify(ids, ps, 6) for ids, ps in zip(token_ids, probs)]))
+    assert torch.equal(dense, torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0, 0.0],
+                                            [1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                                            [0.0, 0.0, 0.3, 0.0, 0.2, 0.5]]))
     on_meta = densify_block(token_ids, probs, 6, "meta")
     assert on_meta.device.type == "meta" and on_meta.shape == (3, 6)
     assert densify_block([], [], 6, "meta").shape == (0, 6)
@@ -194,8 +195,8 @@ def test_densify_block_writes_the_blocks_q_on_the_targets_device_without_reading
         densify_block(token_ids, probs[:2], 6, "meta")
 
 
-def test_densify_refuses_out_of_range_ids():
+def test_densify_block_refuses_out_of_range_ids_and_unequal_shapes():
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
-        densify(torch.tensor([1, 4]), torch.tensor([0.5, 0.5]), vocab_size=4)
+        densify_block([torch.tensor([1, 4])], [torch.tensor([0.5, 0.5])], 4, "cpu")
     with pytest.raises(ValueError, match="shapes"):
-        densify(torch.tensor([1, 2]), torch.tensor([1.0]), vocab_size=4)
+        densify_block([torch.tensor([1, 2])], [torch.tensor([1.0])], 4, "cpu")
