@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 
+from splitspec import server_cli
 from splitspec.server_cli import add_common_flags, error
 from splitspec.topology import parse_cpu_list
 
@@ -57,14 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def flags_problem(args) -> str | None:
     """What is wrong with the flags, or None."""
-    from splitspec.server_cli import common_flags_problem
-
-    checks = [
+    return server_cli.flags_problem(args, [
         (args.max_num_speculative_tokens >= 1, "--max-num-speculative-tokens must be at least 1"),
         (args.max_draft_support >= 1, "--max-draft-support must be at least 1"),
         (args.max_sessions >= 1, "--max-sessions must be at least 1"),
-    ]
-    return common_flags_problem(args) or next((problem for ok, problem in checks if not ok), None)
+    ])
 
 
 def _owned_socket(args) -> str:

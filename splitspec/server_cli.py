@@ -74,6 +74,12 @@ def common_flags_problem(args) -> str | None:
     return None
 
 
+def flags_problem(args, checks: list[tuple[bool, str]]) -> str | None:
+    """The first problem of the shared flags, then of a server's own `checks` (whether each holds, and the problem
+    when it does not), or None."""
+    return common_flags_problem(args) or next((problem for holds, problem in checks if not holds), None)
+
+
 def error(prog: str, message, status: int = 2) -> int:
     """Say what went wrong in one line; returns the exit status: 2 for a problem restarting cannot fix (the systemd
     units do not restart after it), 1 for one it may outlast."""

@@ -6,6 +6,7 @@ import logging
 import math
 import sys
 
+from splitspec import server_cli
 from splitspec.server_cli import add_common_flags
 
 log = logging.getLogger("splitspec.target")
@@ -88,12 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def flags_problem(args) -> str | None:
     """What is wrong with the flags, or None."""
-    from splitspec.server_cli import common_flags_problem
-
     def seconds(value: float) -> bool:
         return value > 0 and math.isfinite(value)
 
-    checks = [
+    return server_cli.flags_problem(args, [
         (0 <= args.batch_regroup_fraction <= 1, "--batch-regroup-fraction must be in [0, 1]"),
         (0 <= args.num_speculative_tokens <= args.max_num_speculative_tokens,
          "--num-speculative-tokens must be in [0, --max-num-speculative-tokens]"),
@@ -107,8 +106,7 @@ def flags_problem(args) -> str | None:
         (args.max_total_tokens is None or args.max_total_tokens >= 2,
          "--max-total-tokens must be at least 2 (a prompt token and a new one)"),
         (args.max_stop_sequences >= 0, "--max-stop-sequences must be 0 or more"),
-    ]
-    return common_flags_problem(args) or next((problem for ok, problem in checks if not ok), None)
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -239,7 +239,7 @@ class TargetEngine:
                                      len(block.token_ids) if block else 0)
                 round_started = decided
                 # Not timed: the first round (it overlaps the prefills) and one that opened a draft session.
-                sizer.record_round(len(block.token_ids) if block else 0, timing.round_ns, verify_ns,
+                sizer.record_round(timing.num_draft_tokens, timing.round_ns, verify_ns,
                                    timing.block_draft_ns,
                                    timed=stats.rounds > 1 and (block is None or block.block_index > 0),
                                    drafted_ahead=timing.drafted_ahead)
