@@ -107,9 +107,11 @@ class Speculation:
         """The block continuing the sequence `token_ids`, at most `num_tokens` long, or None: decode this step on the
         target alone. Blocks drafted ahead on a wrong guess (another start or preceding token) are skipped.
         Asked for none while a session is open (the load or the schedule changed since its verdict), the session ends
-        (it is drafting a block no verdict will answer); asked for some again, a new one opens."""
+        (it is drafting a block no verdict will answer); asked for some again, a new one opens. It ends half-closed,
+        not cancelled: it counts among the draft's sessions until the draft has freed it, so that a session opened
+        meanwhile is not refused by a draft at its --max-sessions."""
         if num_tokens == 0 and self.link is not None:
-            await self.close(cancel=True)
+            await self.close()
         while self.waits_for_draft(num_tokens):
             if self.link is None:
                 await self.open(token_ids, num_tokens)

@@ -58,6 +58,7 @@ class ScriptedLink:
         self.address = "draft:1"
         self.endpoint = self.address
         self.closed = False
+        self.cancelled = False
         self.verdicts = []
 
     def block_size(self, num_tokens: int) -> int:
@@ -74,6 +75,7 @@ class ScriptedLink:
 
     async def close(self, cancel: bool = False) -> None:
         self.closed = True
+        self.cancelled = cancel
 
 
 class ScriptedPool:
@@ -164,6 +166,20 @@ def test_a_verdict_rolls_back_to_the_blocks_start_plus_its_accepted_tokens(accep
                                      num_verified_tokens=3)]
     assert spec.verdicts_sent == 1
     assert (spec.link is None) == (next_num_tokens == 0) and link.closed == (next_num_tokens == 0)
+
+
+def test_a_session_asked_for_no_block_ends_half_closed():
+    """The schedule or the load back-off asks 0 tokens after a verdict that asked for a block: the session ends
+    as a finished one does, half-closed (the draft frees it, then ends the call), not cancelled, which would stop it
+    counting among the draft's sessions before the draft has freed it."""
+    verified = block([4, 9, 6])
+    pool = ScriptedPool([[verified]])
+    spec = speculation(pool, max_reopens=0)
+    assert asyncio.run(spec.next_block(SEQUENCE, 4)) == verified.truncated(4)
+    link = spec.link
+    asyncio.run(spec.send_verdict(verified, Verification(3, next_token_id=8), next_num_tokens=4))
+    assert asyncio.run(spec.next_block(SEQUENCE + [4, 9, 6, 8], 0)) is None
+    assert link.closed and not link.cancelled and spec.link is None and pool.opened == 1
 
 
 def test_draft_fallback_requests_counts_requests_whose_draft_session_failed():
