@@ -123,6 +123,9 @@ def test_stream_yields_chunks_in_order_with_stats_on_the_last(client):
     assert timing.overhead_ns == 9_000_000 - 4_200_000 - 3_500_000
     assert dataclasses.replace(timing, drafted_ahead=True).overhead_ns == 9_000_000 - 4_200_000
     assert timing.target_overhead_ns == 9_000_000 - 4_200_000 - timing.draft_wait_ns
+    # A first block, drafted while the target prefilled, was there at once: its drafting is no part of the round.
+    first = dataclasses.replace(timing, draft_wait_ns=200_000, block_draft_ns=11_000_000)
+    assert first.waited_draft_ns == 200_000 and first.overhead_ns == 9_000_000 - 4_200_000 - 200_000
     assert chunks[0].round_timing is None
 
 

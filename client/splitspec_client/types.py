@@ -104,15 +104,16 @@ class RoundTiming:
     @property
     def waited_draft_ns(self) -> int:
         """The draft's compute this round waited for: the block's, unless it was drafted ahead (while the previous
-        round verified)."""
-        return 0 if self.drafted_ahead else self.block_draft_ns
+        round verified), and never more than the round's wait for the block (a stream's first block was drafted
+        while the target prefilled, and was there, or nearly, when the round began)."""
+        return 0 if self.drafted_ahead else min(self.block_draft_ns, self.draft_wait_ns)
 
     @property
     def overhead_ns(self) -> int:
         """The round's time outside the draft's and the target's model work (gRPC, event loops, scheduling, the
-        target's bookkeeping before its verdict). Exact for a block drafted after the previous verdict. A block
-        drafted ahead overlapped other work and counts none of its drafting; so does the first block, drafted while
-        the target prefilled."""
+        target's bookkeeping before its verdict); never negative. Exact for a block drafted after the previous
+        verdict. A block drafted ahead overlapped other work and counts none of its drafting; the first block, drafted
+        while the target prefilled, counts only what the round waited for it."""
         return self.round_ns - self.verify_ns - self.waited_draft_ns
 
     @property
