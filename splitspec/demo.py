@@ -44,8 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     shape = "tiny" if args.tiny else "demo"
+    low, high = demo_models.acceptance_range(demo_models.SHAPES[shape])
+    if not low <= args.acceptance <= high:
+        parser.error(f"--acceptance must be in [{low}, {high}] for the {shape} pair")
     directory = args.models_dir / demo_models.pair_name(shape, args.acceptance) if args.models_dir else None
     pair = demo_models.ensure_pair(args.acceptance, shape, directory)
     print(f"Synthetic pair (random weights, so the text is token salad): {pair.directory}")

@@ -110,6 +110,17 @@ def test_demo_driver_streams_and_prints_its_stats(models_dir):
     assert out.rstrip().endswith("Servers stopped."), out
 
 
+@pytest.mark.parametrize("acceptance", ["0.3", "0.99"])
+def test_demo_driver_refuses_an_acceptance_no_pair_is_built_for(acceptance, capsys):
+    from splitspec import demo
+
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--acceptance", acceptance])
+    assert exit_info.value.code == 2
+    low, high = demo_models.acceptance_range(demo_models.SHAPES["demo"])
+    assert f"--acceptance must be in [{low}, {high}] for the demo pair" in capsys.readouterr().err
+
+
 def _children(pid: int) -> list[int]:
     text = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text()
     return [int(child) for child in text.split()]
