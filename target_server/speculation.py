@@ -72,8 +72,8 @@ class Speculation:
         except DraftLinkError as exc:
             if exc.full:  # target-only for this round; the next one tries again (no call until a session is free)
                 self.fallback_reason = str(exc)
-            else:
-                self._give_up(str(exc))
+            else:  # after a failed session, its failure first: the first cause, then why no session replaced it
+                self._give_up(f"{self.fallback_reason}; then {exc}" if self.draft_failures else str(exc))
             return
         self.draft_server = self.link.address
 

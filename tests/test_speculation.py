@@ -88,7 +88,10 @@ class ScriptedPool:
 
     async def open(self, start, total_tokens) -> ScriptedLink:
         self.opened += 1
-        return ScriptedLink(self.scripts.pop(0))
+        script = self.scripts.pop(0)
+        if isinstance(script, Exception):  # no session opens
+            raise script
+        return ScriptedLink(script)
 
     def report_failure(self, endpoint, reason: str) -> None:
         self.failures.append(reason)
@@ -130,6 +133,18 @@ def test_a_request_reopens_its_draft_session_max_reopens_times(max_reopens):
     assert asyncio.run(spec.next_block(SEQUENCE, 4)) is None
     assert pool.opened == max_reopens + 1 and spec.gave_up
     assert "no more draft sessions" in spec.fallback_reason
+
+
+def test_the_fallback_reason_keeps_a_failed_sessions_cause_when_no_new_session_opens():
+    """A draft stalls: its session times out, and by then the pool's probe has found the draft unreachable, so the
+    reopen finds no draft. The stall is what the request's fallback_reason names first."""
+    pool = ScriptedPool([[DraftLinkError("no block from draft:1 within 1.0s")],
+                         DraftLinkError("no draft server connected: draft:1: unreachable: DEADLINE_EXCEEDED")])
+    spec = speculation(pool, max_reopens=1)
+    assert asyncio.run(spec.next_block(SEQUENCE, 4)) is None
+    assert spec.gave_up and pool.opened == 2
+    assert spec.fallback_reason == ("no block from draft:1 within 1.0s; "
+                                    "then no draft server connected: draft:1: unreachable: DEADLINE_EXCEEDED")
 
 
 def test_an_invalid_block_ends_the_session_and_a_reopened_one_is_used():
