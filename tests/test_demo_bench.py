@@ -168,6 +168,7 @@ def test_bench_quick_runs_end_to_end_and_writes_its_fields(models_dir, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads((tmp_path / "bench.json").read_text())
     assert {"config", "machine", "baselines", "runs"} <= results.keys()
+    assert any((tmp_path / "logs").glob("target*")), "the servers' logs are kept with the results"
     config = results["config"]
     assert len(results["runs"]) == len(config["acceptances"]) * len(config["ks"])
     assert len(results["baselines"]) == len(config["acceptances"])

@@ -13,7 +13,7 @@ After the sweep, the modes (splitspec/bench/modes.py; --no-modes skips them): pi
 fixed k, and 1/2/4/8 concurrent streams, on the alpha 0.9 pair (--modes-acceptance picks another); then pipelined vs
 sequential on the deep-draft pairs at alpha 0.9 and 0.95, where k x draft step ~ verify.
 
-Writes OUTPUT/bench.json and OUTPUT/bench.png, and prints a table; exits 1 if any system's output differed from
+Writes OUTPUT/bench.json, OUTPUT/bench.png and the servers' logs (OUTPUT/logs), and prints a table; exits 1 if any system's output differed from
 target-only decoding's or fell back to it. Read the speedups as ratios: the draft and the target share one small
 machine here, and the absolute times count only on a GPU.
 """
@@ -23,9 +23,9 @@ import datetime
 import os
 import pathlib
 import platform
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -154,7 +154,11 @@ def sweep(config: dict, args, progress: Progress) -> dict:
     results = {"config": config, "machine": machine(all_cpus, draft_cpus, target_cpus, client_cpus,
                                                     args.target_device, args.target_dtype),
                "baselines": [], "runs": [], "schedules": []}
-    log_dir = pathlib.Path(tempfile.mkdtemp(prefix="splitspec-bench-"))
+    # The servers' logs, kept with the results (a run replaces the last one's), where a failure can be looked into.
+    log_dir = args.output / "logs"
+    shutil.rmtree(log_dir, ignore_errors=True)
+    log_dir.mkdir(parents=True)
+    progress(f"server logs in {log_dir}")
     os.sched_setaffinity(0, client_cpus)  # the servers pin themselves (or are pinned) to theirs
     draft = None
     try:
