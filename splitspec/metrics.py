@@ -32,16 +32,18 @@ class RpcMetrics:
 class BatchMetrics:
     """Sessions (rows) and tokens per forward pass of one model worker (splitspec.batcher)."""
 
-    def __init__(self, registry: CollectorRegistry, prefix: str, half: str):
+    def __init__(self, registry: CollectorRegistry, prefix: str, half: str, regroups: bool = False):
+        """`regroups`: the worker holds forwards back to regroup sessions (the target's; --batch-regroup-fraction),
+        which a counter of that time then reports."""
         self.batch_size = Histogram(f"splitspec:{prefix}batch_size", f"Sessions (rows) per {half} forward pass",
                                     buckets=BATCH_SIZE_BUCKETS, registry=registry)
         self.batch_tokens = Histogram(f"splitspec:{prefix}iteration_tokens_total",
                                       f"Tokens fed per {half} forward pass, padding excluded",
                                       buckets=BATCH_TOKENS_BUCKETS, registry=registry)
-
         self.regroup_wait = Counter(f"splitspec:{prefix}batch_regroup_wait_seconds",
                                     f"Time the {half}'s model worker held a forward pass back for the sessions of the "
-                                    f"previous one to return (--batch-regroup-fraction)", registry=registry)
+                                    f"previous one to return (--batch-regroup-fraction)",
+                                    registry=registry) if regroups else None
         self.kv_cache_bytes = Gauge(f"splitspec:{prefix}kv_cache_bytes",
                                     f"Bytes the {half}'s KV pool holds (slots x the longest sequence; 0 when idle)",
                                     registry=registry)
@@ -95,7 +97,7 @@ class TargetMetrics:
                                      "Decoding rounds by kind: speculative (a draft block verified) or target_only "
                                      "(no draft server, a failed draft, k = 0 asked, or speculation switched off by "
                                      "the block-size schedule or the load back-off)", ["kind"], registry=registry)
-        self.batches = BatchMetrics(registry, "", "target")
+        self.batches = BatchMetrics(registry, "", "target", regroups=True)
 
     def record_block(self, num_draft_tokens: int, accepted_len: int) -> None:
         self.num_drafts.inc()

@@ -57,6 +57,9 @@ def test_prometheus_metrics_on_both_halves(model_dirs, log_dir, reference):
         assert metric(draft_text, "splitspec:draft_blocks_total") >= result.stats.num_drafts
         assert metric(draft_text, "splitspec:draft_live_sessions") == 0
         assert metric(draft_text, "splitspec:rpc_requests_total", method=speculate, code="OK") == 2
+        # Only the target holds forwards back to regroup sessions: the draft exports no such counter.
+        assert metric(text, "splitspec:batch_regroup_wait_seconds_total") >= 0
+        assert "batch_regroup_wait" not in draft_text
     finally:
         assert target.stop() == 0
         assert draft.stop() == 0
