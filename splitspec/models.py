@@ -7,6 +7,7 @@ reach no hub: tests save tiny models to a temporary directory and load them back
 import dataclasses
 import hashlib
 import logging
+import os
 
 import torch
 
@@ -74,9 +75,19 @@ def resolve_dtype(requested: str | torch.dtype, device: torch.device) -> torch.d
                      "or a torch dtype among these)")
 
 
+def check_local_path(model_id: str) -> None:
+    """OSError for a `model_id` that can only be a local path (absolute, relative from . or .., or of more parts
+    than a hub id's owner/name) and is no directory: from_pretrained would call it a malformed hub id."""
+    model_id = os.fspath(model_id)
+    looks_local = os.path.isabs(model_id) or model_id.startswith((".", "~")) or model_id.count("/") > 1
+    if looks_local and not os.path.isdir(model_id):
+        raise OSError(f"{model_id}: no such directory (a local model directory; a hub id has the form owner/name)")
+
+
 def load_causal_lm(model_id: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    check_local_path(model_id)
     log.info("loading %s on %s as %s", model_id, device, dtype)
     model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype)
     return model.to(device).eval()
@@ -87,6 +98,7 @@ def load_tokenizer(model_id: str, required: bool):
     from transformers import AutoTokenizer
 
     try:
+        check_local_path(model_id)
         return AutoTokenizer.from_pretrained(model_id)
     except (OSError, ValueError, TypeError) as exc:
         if required:

@@ -4,6 +4,7 @@ no draft worker outlives its LLM."""
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -384,6 +385,14 @@ def test_max_num_seqs_past_the_engines_default_admission(model_dirs):
 ])
 def test_dtype_takes_vllms_spellings(requested, dtype):
     assert models.resolve_dtype(requested, torch.device("cpu")) == dtype
+
+
+def test_a_local_model_path_that_is_no_directory_is_named_as_such(tmp_path):
+    for model_id in ("gpt2", "Qwen/Qwen2-0.5B", str(tmp_path), tmp_path):  # hub ids, then a directory: not refused
+        models.check_local_path(model_id)
+    for model_id in (str(tmp_path / "missing"), "./missing", "../missing", "~/missing", "models/owner/name"):
+        with pytest.raises(OSError, match=f"^{re.escape(str(model_id))}: no such directory"):
+            models.check_local_path(model_id)
 
 
 def test_a_bad_dtype_is_named_without_a_command_line_flag():

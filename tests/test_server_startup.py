@@ -108,7 +108,9 @@ def error_line(completed: subprocess.CompletedProcess) -> str:
 def test_a_model_that_does_not_load_is_a_usage_error(half, tmp_path):
     completed = run_server(half, str(tmp_path / "no-model"))
     assert completed.returncode == 2
-    assert error_line(completed).startswith(f"splitspec-{half}: error: --model {tmp_path}/no-model: cannot load it: ")
+    assert error_line(completed) == (f"splitspec-{half}: error: --model {tmp_path}/no-model: cannot load it: "
+                                     f"{tmp_path}/no-model: no such directory (a local model directory; a hub id has "
+                                     f"the form owner/name)")
 
 
 @pytest.fixture
