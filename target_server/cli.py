@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "over their next forward, so that they share one batch again (not for sessions waiting "
                              "on their draft block). 0: start each forward with whoever is ready.")
     parser.add_argument("--draft-timeout", type=float, default=10.0,
-                        help="Seconds to wait for a draft block before the session falls back to target-only.")
+                        help="Seconds to wait for a draft block before the session falls back to target-only "
+                             "(less once a probe finds that draft unreachable: its sessions stop waiting then).")
     parser.add_argument("--draft-probe-interval", type=float, default=2.0,
                         help="Seconds between health probes (Info) of each connected draft server; a failed one is "
                              "probed again after this, doubling up to --draft-max-backoff.")

@@ -56,6 +56,7 @@ class DraftEndpoint:
     full_at: int | None = None
     sessions_opened: int = 0
     consecutive_failures: int = 0
+    links: set = dataclasses.field(default_factory=set, repr=False)  # this target's sessions open on it now
 
 
 if sys.version_info >= (3, 11):
@@ -77,6 +78,8 @@ class DraftLink:
         self._closed = False
         self._counted = True  # among the endpoint's live sessions
         self._blocks_read = 0
+        self._read_deadline = None  # the asyncio.Timeout of the block being waited for
+        self.gone_reason: str | None = None  # why the pool found the draft unreachable while this session was open
 
     @property
     def address(self) -> str:
@@ -87,10 +90,12 @@ class DraftLink:
         return min(num_tokens, self.endpoint.max_num_speculative_tokens)
 
     async def next_block(self, timeout_s: float) -> CandidateBlock:
+        if self.gone_reason:
+            raise DraftLinkError(self.gone_reason)
         try:
-            response = await _within(self._call.read(), timeout_s)
+            response = await self._read_within(timeout_s)
         except asyncio.TimeoutError as exc:
-            raise DraftLinkError(f"no block from {self.address} within {timeout_s:.1f}s") from exc
+            raise DraftLinkError(self.gone_reason or f"no block from {self.address} within {timeout_s:.1f}s") from exc
         except grpc.RpcError as exc:
             # Before the first block, RESOURCE_EXHAUSTED refuses the SessionStart: the draft holds its --max-sessions.
             full = self._blocks_read == 0 and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -99,6 +104,24 @@ class DraftLink:
             raise DraftLinkError(f"draft {self.address} ended the session")
         self._blocks_read += 1
         return wire.block_from_pb(response.block)
+
+    if sys.version_info >= (3, 11):
+        async def _read_within(self, timeout_s: float):
+            async with asyncio.timeout(timeout_s) as self._read_deadline:
+                try:
+                    return await self._call.read()
+                finally:
+                    self._read_deadline = None
+    else:  # pragma: no cover (Python 3.10: no reschedulable timeout; a draft gone waits out the timeout)
+        async def _read_within(self, timeout_s: float):
+            return await asyncio.wait_for(self._call.read(), timeout_s)
+
+    def draft_gone(self, reason: str) -> None:
+        """The pool's probe found the draft unreachable: the block waited for, if any, will not come. The wait ends
+        now instead of at the draft timeout (a stalled host, a network partition), and so does any later one."""
+        self.gone_reason = f"draft {self.address} stopped answering (its probe: {reason})"
+        if self._read_deadline is not None:
+            self._read_deadline.reschedule(asyncio.get_running_loop().time())
 
     async def send_start(self, start: SessionStart) -> None:
         await self._write(draft_pb2.SpeculateRequest(start=wire.session_start_to_pb(start)))
@@ -148,6 +171,7 @@ class DraftLink:
             pass
 
     def _ended(self) -> None:
+        self.endpoint.links.discard(self)
         if self._counted:
             self._counted = False
             self.endpoint.live_sessions -= 1
@@ -229,7 +253,10 @@ class DraftPool:
             info = await endpoint.stub.Info(draft_pb2.DraftInfoRequest(), timeout=PROBE_TIMEOUT_S,
                                             metadata=self.metadata)
         except grpc.RpcError as exc:
-            self._set_state(endpoint, False, f"unreachable: {exc.code().name}: {exc.details()}")
+            reason = f"unreachable: {exc.code().name}: {exc.details()}"
+            self._set_state(endpoint, False, reason)
+            for link in list(endpoint.links):  # their blocks will not come either
+                link.draft_gone(reason)
             return
         endpoint.model = info.model
         endpoint.max_context_tokens = info.max_context_tokens
@@ -288,6 +315,7 @@ class DraftPool:
         endpoint.live_sessions += 1
         endpoint.sessions_opened += 1
         link = DraftLink(endpoint, call)
+        endpoint.links.add(link)
         try:
             await link.send_start(dataclasses.replace(
                 start, num_speculative_tokens=link.block_size(start.num_speculative_tokens)))

@@ -121,6 +121,28 @@ def test_stalled_draft_times_out_and_falls_back(model_dirs, log_dir, reference):
         assert draft.stop() == 0
 
 
+def test_a_stalled_draft_found_by_its_probe_ends_its_sessions_wait_before_the_draft_timeout(model_dirs, log_dir,
+                                                                                            reference):
+    """A draft host that stops answering (here SIGSTOP) fails the pool's probe within --draft-probe-interval plus
+    the probe's 2 s deadline: its open sessions stop waiting for blocks then, not after --draft-timeout (60 s)."""
+    draft = start_draft(model_dirs["related_draft"], log_dir, "stalled-probed-draft")
+    target = start_target(model_dirs["target"], log_dir, "target-stalled-probed-draft", [draft.address],
+                          "--draft-timeout", "60", "--draft-probe-interval", "0.2")
+    try:
+        started = time.monotonic()
+        results = stream_after_first_chunk(target.address, lambda: draft.process.send_signal(signal.SIGSTOP), 2)
+        elapsed = time.monotonic() - started
+        for i, (token_ids, stats) in enumerate(results):
+            assert token_ids == reference(f"{PROMPT} {i}", LONG)
+            assert f"draft {draft.address} stopped answering (its probe: unreachable: DEADLINE_EXCEEDED" in (
+                stats.fallback_reason), stats.fallback_reason
+        assert elapsed < 30, elapsed  # the draft timeout would have taken 60 s
+    finally:
+        draft.process.send_signal(signal.SIGCONT)
+        assert target.stop() == 0
+        assert draft.stop() == 0
+
+
 @pytest.mark.parametrize("call", ["stream", "unary"])
 def test_client_cancel_frees_the_session_on_both_halves(target_related, related_draft, call):
     with Client(target_related.address, timeout=60) as client:
@@ -280,3 +302,55 @@ def test_sessions_failing_together_count_once_towards_the_probe_back_off():
     pool, endpoint = asyncio.run(scenario())
     assert not endpoint.connected and endpoint.consecutive_failures == 1
     assert pool._next_probe_delay(endpoint) == 2.0  # the first probe after 2 s, not the 30 s maximum
+
+
+class _SilentCall:
+    """A session on a draft that has stopped answering: what the target writes goes out, no block comes back."""
+
+    def __init__(self):
+        self.cancelled = False
+
+    async def write(self, request):
+        pass
+
+    async def read(self):
+        await asyncio.sleep(3600)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _SilentStub:
+    def Speculate(self, metadata=None):
+        return _SilentCall()
+
+    async def Info(self, request, timeout=None, metadata=None):
+        raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   "Deadline Exceeded")
+
+
+def test_a_probe_that_finds_the_draft_unreachable_ends_its_sessions_waits_for_blocks():
+    from splitspec.protocol import SessionStart
+    from splitspec.sampling import SamplingParams
+    from target_server.draft_pool import DraftLinkError
+
+    async def scenario():
+        pool, endpoint, vocabulary = _pool_with_one_connected_draft()
+        endpoint.stub = _SilentStub()
+        link = await pool.open(SessionStart([1, 2, 3], SamplingParams(), 4, vocabulary, "silent", True), 100)
+        waiting = asyncio.create_task(link.next_block(timeout_s=60))
+        await asyncio.sleep(0.05)
+        probed = time.monotonic()
+        await pool._probe(endpoint)
+        with pytest.raises(DraftLinkError, match=r"stopped answering \(its probe: unreachable: DEADLINE_EXCEEDED"):
+            await waiting
+        waited = time.monotonic() - probed
+        with pytest.raises(DraftLinkError, match="stopped answering"):  # a later wait ends at once too
+            await link.next_block(timeout_s=60)
+        await link.close(cancel=True)
+        await pool.close()
+        return endpoint, waited
+
+    endpoint, waited = asyncio.run(scenario())
+    assert waited < 5, waited
+    assert not endpoint.connected and not endpoint.links and endpoint.live_sessions == 0
