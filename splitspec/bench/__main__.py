@@ -13,9 +13,9 @@ After the sweep, the modes (splitspec/bench/modes.py; --no-modes skips them): pi
 fixed k, and 1/2/4/8 concurrent streams, on the alpha 0.9 pair (--modes-acceptance picks another); then pipelined vs
 sequential on the deep-draft pairs at alpha 0.9 and 0.95, where k x draft step ~ verify.
 
-Writes OUTPUT/bench.json, OUTPUT/bench.png and the servers' logs (OUTPUT/logs), and prints a table; exits 1 if any system's output differed from
-target-only decoding's or fell back to it. Read the speedups as ratios: the draft and the target share one small
-machine here, and the absolute times count only on a GPU.
+Writes OUTPUT/bench.json, OUTPUT/bench.png and the servers' logs (OUTPUT/logs), and prints a table; exits 1 if any
+system's output differed from target-only decoding's or fell back to it. Read the speedups as ratios: the draft and
+the target share one small machine here, and the absolute times count only on a GPU.
 """
 
 import argparse
