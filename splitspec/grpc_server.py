@@ -163,6 +163,29 @@ class _Call:
             self.server.rpc_metrics.observe(self.method, self.code, time.perf_counter() - self.started)
 
 
+@dataclasses.dataclass(frozen=True)
+class Keepalive:
+    """HTTP/2 keepalive pings from the server on connections with calls in flight, so that a peer gone without
+    closing its connection (a host that hung, lost power or was cut off; a stopped process) ends its calls within
+    `time_s + timeout_s`: a draft session whose target vanished frees its slot, a request whose client vanished
+    stops. Pings go out only after `time_s` without anything read on a connection, so busy ones carry none."""
+
+    time_s: float = 30.0
+    timeout_s: float = 10.0
+
+    def options(self) -> list[tuple[str, int]]:
+        time_ms, timeout_ms = round(self.time_s * 1000), round(self.timeout_s * 1000)
+        return [
+            ("grpc.keepalive_time_ms", time_ms),
+            ("grpc.keepalive_timeout_ms", timeout_ms),
+            # grpc core closes a connection for an unanswered ping after this; with the keepalive timeout alone
+            # (grpcio 1.85) a stopped peer's calls lived on until its process ended.
+            ("grpc.http2.ping_timeout_ms", timeout_ms),
+            ("grpc.http2.max_pings_without_data", 0),  # a session waiting on its peer sends no data
+            ("grpc.http2.min_sent_ping_interval_without_data_ms", time_ms),
+        ]
+
+
 class GrpcServer:
     """An aio server with the standard health and reflection services, stopped gracefully on SIGTERM/SIGINT: health
     answers NOT_SERVING and new calls UNAVAILABLE while the calls in flight finish.
@@ -174,11 +197,13 @@ class GrpcServer:
     """
 
     def __init__(self, host: str, port: int, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 security: ServerSecurity | None = None, rpc_metrics: RpcMetrics | None = None):
+                 security: ServerSecurity | None = None, rpc_metrics: RpcMetrics | None = None,
+                 keepalive: Keepalive | None = None):
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
+            *(keepalive.options() if keepalive is not None else []),
         ]
         self.security = security
         self.rpc_metrics = rpc_metrics

@@ -12,6 +12,7 @@ from splitspec.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 # Below this even a health answer or an Info response may not fit; grpc takes a C int.
 MIN_MESSAGE_BYTES = 1024
 MAX_MESSAGE_BYTES = 2**31 - 1
+MAX_KEEPALIVE_S = 86400.0  # a day; grpc takes milliseconds as a C int
 
 
 def port_number(text: str) -> int:
@@ -54,6 +55,13 @@ def add_common_flags(parser: argparse.ArgumentParser, default_port: int) -> None
                              "off.")
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096,
                         help="Most tokens, padding included, in one forward pass (a longer prompt still runs, alone).")
+    parser.add_argument("--keepalive-time", type=float, default=30.0,
+                        help="Seconds without anything read on a connection with calls in flight before the server "
+                             "pings the peer (HTTP/2 keepalive), so that calls of a peer gone without closing its "
+                             "connection (a hung or unplugged host) end: a draft session frees its slot, a request "
+                             "stops. 0 turns the pings off.")
+    parser.add_argument("--keepalive-timeout", type=float, default=10.0,
+                        help="Seconds a keepalive ping may go unanswered before the connection and its calls end.")
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="On SIGTERM: seconds in-flight requests get to finish (new ones get UNAVAILABLE); a "
                              "second SIGTERM or Ctrl-C cancels them at once. A service manager's stop timeout must "
@@ -71,6 +79,10 @@ def common_flags_problem(args) -> str | None:
         return f"--max-message-bytes must be in [{MIN_MESSAGE_BYTES}, {MAX_MESSAGE_BYTES}]"
     if not (args.shutdown_grace >= 0 and math.isfinite(args.shutdown_grace)):
         return "--shutdown-grace must be a number of seconds, 0 or more"
+    if not (0 <= args.keepalive_time <= MAX_KEEPALIVE_S and (args.keepalive_time == 0 or args.keepalive_time >= 0.001)):
+        return f"--keepalive-time must be 0 (off) or a number of seconds in [0.001, {MAX_KEEPALIVE_S}]"
+    if not 0.001 <= args.keepalive_timeout <= MAX_KEEPALIVE_S:
+        return f"--keepalive-timeout must be a number of seconds in [0.001, {MAX_KEEPALIVE_S}]"
     return None
 
 
@@ -114,11 +126,12 @@ def build_runner(model, log):
 def build_server(args, registry, security):
     """The GrpcServer the flags describe, with its metrics endpoint started when asked for. Raises ListenError when
     an address cannot be listened on."""
-    from splitspec.grpc_server import GrpcServer, ListenError, bare_host, listen_address
+    from splitspec.grpc_server import GrpcServer, Keepalive, ListenError, bare_host, listen_address
     from splitspec.metrics import RpcMetrics, serve_metrics
 
+    keepalive = Keepalive(args.keepalive_time, args.keepalive_timeout) if args.keepalive_time else None
     server = GrpcServer(args.host, args.port, max_message_bytes=args.max_message_bytes, security=security,
-                        rpc_metrics=RpcMetrics(registry))
+                        rpc_metrics=RpcMetrics(registry), keepalive=keepalive)
     if args.metrics_port is not None:
         metrics_host = bare_host(args.metrics_host)
         try:

@@ -4,6 +4,8 @@ import asyncio
 import concurrent.futures
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -138,6 +140,73 @@ def test_a_stalled_draft_found_by_its_probe_ends_its_sessions_wait_before_the_dr
                 stats.fallback_reason), stats.fallback_reason
         assert elapsed < 30, elapsed  # the draft timeout would have taken 60 s
     finally:
+        draft.process.send_signal(signal.SIGCONT)
+        assert target.stop() == 0
+        assert draft.stop() == 0
+
+
+def _background_streams(address: str, count: int) -> None:
+    """`count` streams on daemon threads; returns once each has had its first chunk. Their errors are dropped: the
+    tests below stop and kill the servers under them."""
+    started = threading.Barrier(count + 1)
+
+    def run(i):
+        try:
+            with Client(address, timeout=120) as client:
+                for n, _ in enumerate(client.stream(f"{PROMPT} {i}", max_new_tokens=2 * LONG, ignore_eos=True)):
+                    if n == 0:
+                        started.wait(30)
+        except Exception:  # noqa: BLE001
+            pass
+
+    for i in range(count):
+        threading.Thread(target=run, args=(i,), daemon=True).start()
+    started.wait(30)
+
+
+def test_a_target_gone_silent_frees_its_sessions_on_the_draft(model_dirs, log_dir):
+    """A target host that hangs or is cut off closes no connection: the draft's keepalive pings go unanswered, and
+    its sessions end and free their slots within --keepalive-time + --keepalive-timeout (1 s + 1 s here)."""
+    draft = start_draft(model_dirs["related_draft"], log_dir, "keepalive-draft", "--keepalive-time", "1",
+                        "--keepalive-timeout", "1")
+    target = start_target(model_dirs["target"], log_dir, "keepalive-target", [draft.address])
+    try:
+        _background_streams(target.address, 2)
+        target.process.send_signal(signal.SIGSTOP)  # its connections stay open; it answers nothing
+        assert draft_live_sessions(draft.address) == 2  # waiting for the stopped target's verdicts
+        assert wait_until(lambda: draft_live_sessions(draft.address) == 0, 15.0), "the sessions outlived the target"
+    finally:
+        target.process.kill()
+        target.process.send_signal(signal.SIGCONT)
+        target.stop(timeout_s=5.0)
+        assert draft.stop() == 0
+
+
+def test_a_client_gone_silent_ends_its_request_on_the_target(model_dirs, log_dir):
+    """A client host that hangs or is cut off mid-request: the target's keepalive pings go unanswered, and the
+    request ends, freeing its slot, instead of waiting on the client for good. (The request is held up here by a
+    stopped draft, whose block the target would wait 60 s for, and whose probes are 1000 s apart.)"""
+    draft = start_draft(model_dirs["related_draft"], log_dir, "keepalive-front-draft")
+    target = start_target(model_dirs["target"], log_dir, "keepalive-front", [draft.address], "--keepalive-time", "1",
+                          "--keepalive-timeout", "1", "--draft-timeout", "60", "--draft-probe-interval", "1000")
+    client_code = (f"from splitspec_client import Client\n"
+                   f"stream = Client({target.address!r}, timeout=600).stream({PROMPT!r}, max_new_tokens={2 * LONG}, "
+                   f"ignore_eos=True)\n"
+                   f"next(stream)\n"
+                   f"print('streaming', flush=True)\n"
+                   f"import time; time.sleep(600)\n")
+    client = subprocess.Popen([sys.executable, "-c", client_code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "streaming"
+        draft.process.send_signal(signal.SIGSTOP)  # the request now waits on the draft
+        client.send_signal(signal.SIGSTOP)  # its connection stays open; it answers nothing
+        with Client(target.address, timeout=10) as observer:
+            assert observer.info().live_sessions == 1
+            assert wait_until(lambda: observer.info().live_sessions == 0, 15.0), "the request outlived its client"
+    finally:
+        client.kill()
+        client.send_signal(signal.SIGCONT)
+        client.wait(10)
         draft.process.send_signal(signal.SIGCONT)
         assert target.stop() == 0
         assert draft.stop() == 0

@@ -53,6 +53,10 @@ def files(tmp_path_factory) -> pathlib.Path:
 BOTH_HALVES = [
     (["--shutdown-grace", "-1"], "--shutdown-grace must be a number of seconds, 0 or more"),
     (["--max-message-bytes", "0"], "--max-message-bytes must be in [1024, 2147483647]"),
+    (["--keepalive-time", "-1"], "--keepalive-time must be 0 (off) or a number of seconds in [0.001, 86400.0]"),
+    (["--keepalive-time", "1e9"], "--keepalive-time must be 0 (off) or a number of seconds in [0.001, 86400.0]"),
+    (["--keepalive-timeout", "0"], "--keepalive-timeout must be a number of seconds in [0.001, 86400.0]"),
+    (["--keepalive-timeout", "nan"], "--keepalive-timeout must be a number of seconds in [0.001, 86400.0]"),
     (["--auth-token-file", "{d}/empty-token"], "--auth-token-file {d}/empty-token is empty"),
     (["--auth-token-file", "{d}/two-line-token"], "--auth-token-file {d}/two-line-token holds more than one line"),
     (["--auth-token-file", "{d}/missing"], "--auth-token-file {d}/missing: No such file or directory"),
