@@ -52,9 +52,10 @@ def test_unknown_dtype_names_the_flag_and_choices():
 
 def test_default_measurement_is_quick():
     assert 0 < measure_matmul_seconds(torch.float32, size=64, repeats=2) < 0.5
-    start = time.perf_counter()
+    # CPU time, not wall time: the servers of other tests share this machine's two cores.
+    start = time.process_time()
     assert choose_dtype("auto", "avx2") in (torch.float32, torch.bfloat16)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
 
 
 def test_torch_backend_is_identity():
