@@ -105,19 +105,19 @@ def test_sessions_move_to_a_live_draft(model_dirs, log_dir, reference):
         assert survivor.stop() == 0
 
 
-@pytest.mark.parametrize("flags, reason, bound_s", [
+@pytest.mark.parametrize("case, flags, reason, bound_s", [
     # bounded: one timeout per session, then target-only decoding
-    (["--draft-timeout", "1.0"], "no block from {address} within 1.0s", 60),
+    ("timeout", ["--draft-timeout", "1.0"], "no block from {address} within 1.0s", 60),
     # sooner than the 60 s timeout: once a probe (every 0.2 s, 2 s deadline) has failed
-    (["--draft-timeout", "60", "--draft-probe-interval", "0.2"],
+    ("probe", ["--draft-timeout", "60", "--draft-probe-interval", "0.2"],
      "draft {address} stopped answering (its probe: unreachable: DEADLINE_EXCEEDED", 30),
 ], ids=["at-the-draft-timeout", "once-its-probe-fails"])
-def test_a_stalled_draft_falls_back(flags, reason, bound_s, model_dirs, log_dir, reference):
+def test_a_stalled_draft_falls_back(case, flags, reason, bound_s, model_dirs, log_dir, reference):
     """A draft host that stops answering (here SIGSTOP): its sessions wait for their blocks no longer than
     --draft-timeout, nor once the pool's probe of it has failed; the requests finish on the target alone, with the
     same output."""
-    draft = start_draft(model_dirs["related_draft"], log_dir, "stalled-draft")
-    target = start_target(model_dirs["target"], log_dir, "target-stalled-draft", [draft.address], *flags)
+    draft = start_draft(model_dirs["related_draft"], log_dir, f"stalled-draft-{case}")
+    target = start_target(model_dirs["target"], log_dir, f"target-stalled-draft-{case}", [draft.address], *flags)
     try:
         started = time.monotonic()
         results = stream_after_first_chunk(target.address, lambda: draft.process.send_signal(signal.SIGSTOP), 2)
