@@ -32,8 +32,10 @@ def draft_live_sessions(address: str) -> int:
         return draft_pb2_grpc.DraftServiceStub(channel).Info(draft_pb2.DraftInfoRequest(), timeout=5).live_sessions
 
 
-def stream_after_first_chunk(address: str, on_first_chunk, count: int, prompt: str = PROMPT):
-    """`count` concurrent streams; `on_first_chunk` runs once every stream has produced a chunk."""
+def start_streams(address: str, count: int, prompt: str = PROMPT,
+                  max_new_tokens: int = LONG) -> list[concurrent.futures.Future]:
+    """`count` concurrent streams, each on a thread of its own; returns once every one has produced a chunk. Each
+    future gives its stream's token ids and final stats, or its error."""
     pool = concurrent.futures.ThreadPoolExecutor(count)
     started = [False] * count
     all_started = threading.Barrier(count + 1)
@@ -41,7 +43,7 @@ def stream_after_first_chunk(address: str, on_first_chunk, count: int, prompt: s
     def run(i):
         with Client(address, timeout=120) as client:
             chunks = []
-            for chunk in client.stream(f"{prompt} {i}", max_new_tokens=LONG, num_speculative_tokens=4,
+            for chunk in client.stream(f"{prompt} {i}", max_new_tokens=max_new_tokens, num_speculative_tokens=4,
                                        ignore_eos=True):
                 chunks.append(chunk)
                 if not started[i]:
@@ -51,10 +53,15 @@ def stream_after_first_chunk(address: str, on_first_chunk, count: int, prompt: s
 
     futures = [pool.submit(run, i) for i in range(count)]
     all_started.wait(30)
+    pool.shutdown(wait=False)
+    return futures
+
+
+def stream_after_first_chunk(address: str, on_first_chunk, count: int, prompt: str = PROMPT):
+    """`count` concurrent streams; `on_first_chunk` runs once every stream has produced a chunk."""
+    futures = start_streams(address, count, prompt)
     on_first_chunk()
-    results = [f.result(timeout=120) for f in futures]
-    pool.shutdown()
-    return results
+    return [f.result(timeout=120) for f in futures]
 
 
 def test_killed_draft_falls_back_then_reconnects(model_dirs, log_dir, reference):
@@ -132,25 +139,6 @@ def test_a_stalled_draft_falls_back(case, flags, reason, bound_s, model_dirs, lo
         assert draft.stop() == 0
 
 
-def _background_streams(address: str, count: int) -> None:
-    """`count` streams on daemon threads; returns once each has had its first chunk. Their errors are dropped: the
-    tests below stop and kill the servers under them."""
-    started = threading.Barrier(count + 1)
-
-    def run(i):
-        try:
-            with Client(address, timeout=120) as client:
-                for n, _ in enumerate(client.stream(f"{PROMPT} {i}", max_new_tokens=2 * LONG, ignore_eos=True)):
-                    if n == 0:
-                        started.wait(30)
-        except Exception:  # noqa: BLE001
-            pass
-
-    for i in range(count):
-        threading.Thread(target=run, args=(i,), daemon=True).start()
-    started.wait(30)
-
-
 def test_a_target_gone_silent_frees_its_sessions_on_the_draft(model_dirs, log_dir):
     """A target host that hangs or is cut off closes no connection: the draft's keepalive pings go unanswered, and
     its sessions end and free their slots within --keepalive-time + --keepalive-timeout (1 s + 1 s here)."""
@@ -158,7 +146,7 @@ def test_a_target_gone_silent_frees_its_sessions_on_the_draft(model_dirs, log_di
                         "--keepalive-timeout", "1")
     target = start_target(model_dirs["target"], log_dir, "keepalive-target", [draft.address])
     try:
-        _background_streams(target.address, 2)
+        start_streams(target.address, 2, max_new_tokens=2 * LONG)  # they fail once the target is killed below
         target.process.send_signal(signal.SIGSTOP)  # its connections stay open; it answers nothing
         assert draft_live_sessions(draft.address) == 2  # waiting for the stopped target's verdicts
         assert wait_until(lambda: draft_live_sessions(draft.address) == 0, 15.0), "the sessions outlived the target"
